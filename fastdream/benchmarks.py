@@ -1,0 +1,206 @@
+"""Benchmark cases shared by bench/ (pytest-benchmark) and `fastdream bench`.
+
+Each case builds its variants once, then times them interleaved in one run, so a ratio
+(fast path ÷ reference) stays stable on a noisy machine. A record is
+``{"name", "params", "value", "unit", "reference", "ratio"}``: ``value`` is the variant's rate and
+``ratio`` is value ÷ the reference variant's rate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Variant:
+    name: str
+    fn: Callable[[], Any]
+    work: float  # units of work per call (samples, env steps, bytes, ...)
+
+
+@dataclass
+class Case:
+    name: str
+    params: dict[str, Any]
+    unit: str
+    variants: list[Variant]
+    # (variant, reference) pairs whose ratio is reported.
+    ratios: list[tuple[str, str]] = field(default_factory=list)
+    cleanup: Callable[[], None] | None = None
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+
+def time_call(fn: Callable[[], Any], min_time: float) -> float:
+    """Seconds per call: the best of repeated blocks that each last about ``min_time / 3``."""
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    reps = max(1, int(min_time / 3 / once))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def run_case(case: Case, min_time: float = 1.0) -> list[dict[str, Any]]:
+    """Times every variant of ``case`` (interleaved twice, best kept) and returns its records."""
+    secs = {v.name: float("inf") for v in case.variants}
+    for _ in range(2):
+        for v in case.variants:
+            secs[v.name] = min(secs[v.name], time_call(v.fn, min_time / 2))
+    rate = {v.name: v.work / secs[v.name] for v in case.variants}
+    refs = dict(case.ratios)
+    records = []
+    for v in case.variants:
+        ref = refs.get(v.name)
+        records.append({
+            "name": f"{case.name}/{v.name}",
+            "params": case.params,
+            "value": rate[v.name],
+            "unit": case.unit,
+            "reference": f"{case.name}/{ref}" if ref else None,
+            "ratio": rate[v.name] / rate[ref] if ref else None,
+        })
+    if case.cleanup:
+        case.cleanup()
+    return records
+
+
+# ---------------------------------------------------------------- replay
+def replay_case(kind: str, batch_size: int = 16, seq_len: int = 64, num_envs: int = 16,
+                rows_per_env: int = 2000) -> Case:
+    """Sample ``[B, T]`` pixel or vector rows: ReplayBuffer vs numpy gather vs a plain memcpy."""
+    from fastdream.replay import ReplayBuffer
+
+    spec: dict[str, tuple[tuple[int, ...], str]] = {
+        "action": ((2,), "float32"), "reward": ((), "float32"),
+        "is_first": ((), "bool"), "is_last": ((), "bool"), "is_terminal": ((), "bool"),
+    }
+    if kind == "pixels":
+        spec["image"] = ((64, 64, 3), "uint8")
+    elif kind == "vector":
+        spec["vector"] = ((8,), "float32")
+    else:
+        raise ValueError(f"replay case kind must be 'pixels' or 'vector', got {kind!r}")
+    rb = ReplayBuffer(num_envs * rows_per_env, num_envs, spec, seed=0)
+    rng = np.random.default_rng(0)
+    chunk = 100
+    for _ in range(rows_per_env // chunk + 1):
+        ids = np.repeat(np.arange(num_envs), 1)
+        for _ in range(chunk):
+            rows = {n: (rng.integers(0, 255, (num_envs, *s)).astype(d) if np.dtype(d).kind in "ub"
+                        else rng.standard_normal((num_envs, *s)).astype(d)) for n, (s, d) in spec.items()}
+            rows = {n: (v.astype(bool) if np.dtype(spec[n][1]).kind == "b" else v) for n, v in rows.items()}
+            rb.add(rows, env_ids=ids)
+    out = rb.alloc_batch(batch_size, seq_len)
+    storages = {n: rb.storage(n) for n in spec}
+    cap = rb.env_capacity
+
+    def fast():
+        rb.sample(batch_size, seq_len, out=out)
+
+    nbytes = sum(a.nbytes for a in out.values())
+
+    def numpy_gather():
+        env = rng.integers(0, num_envs, batch_size)
+        start = rng.integers(0, cap - seq_len, batch_size)
+        idx = (start[:, None] + np.arange(seq_len)[None]) % cap
+        for n, st in storages.items():
+            out[n][...] = st[env[:, None], idx]
+
+    src = {n: np.ascontiguousarray(st[0, : batch_size * seq_len]) for n, st in storages.items()}
+    flat = {n: a.reshape(src[n].shape) for n, a in out.items()}
+
+    def memcpy():
+        for n in src:
+            np.copyto(flat[n], src[n])
+
+    return Case(
+        name=f"replay_sample_{kind}",
+        params={"batch_size": batch_size, "seq_len": seq_len, "row_bytes": nbytes // (batch_size * seq_len)},
+        unit="MB/s",
+        variants=[Variant("fastdream", fast, nbytes / 1e6), Variant("numpy", numpy_gather, nbytes / 1e6),
+                  Variant("memcpy", memcpy, nbytes / 1e6)],
+        ratios=[("fastdream", "numpy"), ("memcpy", "numpy")],
+    )
+
+
+# ---------------------------------------------------------------- environments
+def env_case(env_id: str = "CartPole-v1", num_envs: int = 64, steps: int = 50) -> Case:
+    """Env steps/s: raw EnvPool, gymnasium SyncVectorEnv, and the collector (env + policy + replay)."""
+    import warnings
+
+    import envpool
+    import gymnasium as gym
+
+    from fastdream.collector import Collector, RandomPolicy
+    from fastdream.envs import make_env
+    from fastdream.replay import ReplayBuffer
+
+    warnings.filterwarnings("ignore", module="gymnasium")
+    rng = np.random.default_rng(0)
+    raw = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=0)
+    raw.reset()
+    env = make_env(env_id, num_envs, seed=0)
+    acts = [rng.integers(0, env.num_actions, num_envs).astype(np.int32) for _ in range(steps)]
+
+    def raw_steps():
+        for a in acts:
+            raw.step(a)
+
+    sync = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+    sync.reset(seed=0)
+
+    def sync_steps():
+        for a in acts:
+            sync.step(a)
+
+    rb = ReplayBuffer(num_envs * 100_000, num_envs, env.replay_spec)
+    col = Collector(env, rb, RandomPolicy(env, seed=0))
+    col.reset()
+
+    def collect():
+        for _ in range(steps):
+            col.step()
+
+    def cleanup():
+        raw.close()
+        sync.close()
+        env.close()
+
+    work = steps * num_envs
+    return Case(
+        name=f"env_{env_id}",
+        params={"num_envs": num_envs},
+        unit="steps/s",
+        variants=[Variant("envpool", raw_steps, work), Variant("gymnasium_sync", sync_steps, work),
+                  Variant("collector", collect, work)],
+        ratios=[("collector", "envpool"), ("envpool", "gymnasium_sync")],
+        cleanup=cleanup,
+    )
+
+
+CASES: dict[str, list[Callable[[], Case]]] = {
+    "replay": [lambda: replay_case("pixels"), lambda: replay_case("vector")],
+    "env": [lambda: env_case()],
+}
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """One aligned text table of records."""
+    lines = [f"{'benchmark':<38} {'value':>14} {'unit':<10} {'ratio':>8}  reference"]
+    for r in records:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+        lines.append(f"{r['name']:<38} {r['value']:>14,.1f} {r['unit']:<10} {ratio:>8}  {r['reference'] or ''}")
+    return "\n".join(lines)

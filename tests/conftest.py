@@ -1,0 +1,8 @@
+import os
+import sys
+import warnings
+
+# Keep tests quiet and deterministic on the 2-core CI box.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+warnings.filterwarnings("ignore", module="gymnasium")
+sys.path.insert(0, os.path.dirname(__file__))
