@@ -1,4 +1,4 @@
-"""`fastdream` command line: collect | bench (train and eval arrive with the agent)."""
+"""`fastdream` command line: train | eval | collect | bench."""
 
 from __future__ import annotations
 
@@ -52,6 +52,99 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config(args: argparse.Namespace):
+    from fastdream.config import Config, apply, apply_presets, apply_sets, validate
+
+    cfg = Config()
+    try:
+        presets = [p.strip() for p in (args.preset or "").split(",") if p.strip()]
+        env_id = args.env or "CartPole-v1"
+        if not presets:
+            presets = [{"CartPole-v1": "cartpole", "LunarLander-v3": "lunarlander"}.get(env_id, "cartpole")]
+            if args.obs in ("pixels", "both") and presets[0] in ("cartpole", "lunarlander"):
+                presets[0] += "-pixels"
+        cfg = apply_presets(cfg, presets)
+        direct = {}
+        if args.env:
+            direct["env.id"] = args.env
+        for flag, key in (("envs", "env.num_envs"), ("obs", "env.obs"), ("steps", "train.steps"),
+                          ("train_ratio", "train.train_ratio"), ("seed", "train.seed"), ("device", "train.device")):
+            if getattr(args, flag) is not None:
+                direct[key] = getattr(args, flag)
+        cfg = apply(cfg, direct)
+        cfg = apply_sets(cfg, args.set or [])
+        validate(cfg)
+        if args.env:
+            from fastdream.envs import resolve_backend
+
+            resolve_backend(args.env)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastdream import checkpoint
+    from fastdream.train import UnhealthyRun, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not checkpoint.exists(run_dir):
+            raise CliError(f"--resume {run_dir}: no checkpoint there")
+        cfg = _load_config(args)
+    else:
+        cfg = _load_config(args)
+        run_dir = Path(args.logdir or f"runs/{cfg.env.id}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if checkpoint.exists(run_dir):
+            raise CliError(f"{run_dir} already holds a run; use --resume {run_dir} or another --logdir")
+    print(f"fastdream train: {cfg.env.id} ({cfg.env.obs}) x{cfg.env.num_envs} envs, "
+          f"{cfg.train.steps:,} steps budget, target {cfg.env.target_return:g}, run dir {run_dir}")
+    try:
+        res = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    except UnhealthyRun as exc:
+        print(f"fastdream: run stopped: {exc}", file=sys.stderr)
+        return 3
+    ev = f"{res.eval_return:.1f}" if res.eval_return is not None else "n/a"
+    ups = res.updates / max(res.wall_time, 1e-9)
+    print(f"{res.stopped}: eval return {ev} (target {cfg.env.target_return:g}), {res.env_steps:,} env steps, "
+          f"{res.updates:,} updates, {res.wall_time / 60:.1f} min wall ({ups:.2f} updates/s); "
+          f"checkpoint {res.checkpoint}, metrics {res.metrics}")
+    return 0 if res.stopped != "interrupted" else 130
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from fastdream import checkpoint
+    from fastdream.config import Config
+    from fastdream.train import build_agent, build_env, evaluate
+
+    run_dir = Path(args.run_dir)
+    try:
+        state, _ = checkpoint.load(run_dir)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    cfg = Config.from_dict(state["config"])
+    env = build_env(cfg, num_envs=1)
+    agent = build_agent(cfg, env)
+    agent.load_full_state(state["agent"])
+    env.close()
+    frames: list | None = [] if args.video else None
+    rets = evaluate(agent, cfg, args.episodes, seed=args.seed, video_frames=frames)
+    print(f"eval {cfg.env.id}: mean return {np.mean(rets):.1f} over {len(rets)} episodes "
+          f"(min {min(rets):.1f}, max {max(rets):.1f})")
+    if args.video:
+        from fastdream.logger import write_video
+
+        path = write_video(args.video, frames)
+        print(f"video of episode 1 ({len(frames)} frames) written to {path}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fastdream.benchmarks import CASES, format_table, run_case
 
@@ -69,6 +162,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdream", description="fastdream: fast DreamerV3-style world-model RL")
     sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a DreamerV3 agent (default: CartPole-v1 until solved)")
+    t.add_argument("--env", default=None, help="EnvPool or gymnasium id (default: CartPole-v1)")
+    t.add_argument("--envs", type=int, default=None, help="parallel training envs (preset default: 64)")
+    t.add_argument("--preset", default=None,
+                   help="comma-separated presets applied in order: cartpole, cartpole-pixels, lunarlander, "
+                        "lunarlander-pixels, tiny, xs, s (default: the env's task preset)")
+    t.add_argument("--obs", default=None, choices=["vector", "pixels", "both"], help="observation kind")
+    t.add_argument("--steps", type=int, default=None, help="env-step budget")
+    t.add_argument("--train-ratio", type=float, default=None, help="replayed steps per env step")
+    t.add_argument("--logdir", default=None, help="run directory (default: runs/<env>-<time>)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set train.horizon=10 (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no live progress line")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="deterministic evaluation of a run's checkpoint")
+    e.add_argument("run_dir", help="run directory holding checkpoint/")
+    e.add_argument("--episodes", type=int, default=10)
+    e.add_argument("--video", default=None, metavar="PATH", help="write episode 1 as .gif or .mp4")
+    e.add_argument("--seed", type=int, default=12345)
+    e.set_defaults(func=_cmd_eval)
 
     c = sub.add_parser("collect", help="step a random policy in vectorised envs into the replay buffer")
     c.add_argument("--env", default="CartPole-v1", help="EnvPool or gymnasium id (default: CartPole-v1)")

@@ -50,6 +50,7 @@ class Collector:
         self.replay = replay
         self.policy = policy
         self.rows: dict[str, np.ndarray] | None = None
+        self.last_actions: np.ndarray | None = None  # env-form actions of the latest step
         self.env_steps = 0
 
     def _store(self, rows: dict[str, np.ndarray]) -> None:
@@ -70,7 +71,8 @@ class Collector:
         if self.rows is None:
             self.reset()
         ids = self.rows["env_ids"]
-        self.rows = self.env.step(self.policy(self.rows, ids), ids)
+        self.last_actions = np.asarray(self.policy(self.rows, ids))
+        self.rows = self.env.step(self.last_actions, ids)
         self._store(self.rows)
         return self.rows
 

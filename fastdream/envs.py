@@ -66,7 +66,7 @@ class VecEnv:
     """
 
     def __init__(self, env_id: str, num_envs: int, seed: int = 0, obs: str = "vector",
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, render: bool = False) -> None:
         if obs not in OBS_MODES:
             raise ValueError(f"obs must be one of {OBS_MODES}, got {obs!r}")
         if not isinstance(num_envs, int) or num_envs < 1:
@@ -82,7 +82,9 @@ class VecEnv:
         self.is_async = self.batch_size < num_envs
         if self.is_async and self.backend != "envpool":
             raise ValueError(f"async stepping (batch_size < num_envs) needs an EnvPool id; {env_id!r} is gymnasium")
-        render = obs in ("pixels", "both")
+        self.observe_pixels = obs in ("pixels", "both")
+        self.render_enabled = True  # False skips rendering pixel obs (fast-forward on resume)
+        render = render or self.observe_pixels
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if self.backend == "envpool":
@@ -123,7 +125,7 @@ class VecEnv:
         spec_: dict[str, tuple[tuple[int, ...], str]] = {}
         if obs in ("vector", "both"):
             spec_["vector"] = ((int(space.shape[0]),), "float32")
-        if render:
+        if self.observe_pixels:
             spec_["image"] = ((IMAGE_SIZE, IMAGE_SIZE, 3), "uint8")
         spec_.update({"reward": ((), "float32"), "is_first": ((), "bool"), "is_last": ((), "bool"),
                       "is_terminal": ((), "bool")})
@@ -221,8 +223,11 @@ class VecEnv:
         rows: dict[str, np.ndarray] = {}
         if self.obs_mode in ("vector", "both"):
             rows["vector"] = np.asarray(obs, dtype=np.float32).reshape(len(ids), -1)
-        if self.obs_mode in ("pixels", "both"):
-            rows["image"] = self._render(ids)
+        if self.observe_pixels:
+            if self.render_enabled:
+                rows["image"] = resize_frames(self.render_frames(ids))
+            else:
+                rows["image"] = np.zeros((len(ids), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         rows.update(reward=reward, is_first=first, is_last=last, is_terminal=term, action=action, env_ids=ids)
         # Episode statistics: the return of an episode counts every reward up to its last row.
         ret = self._ep_return[sel] * not_first + reward
@@ -235,12 +240,13 @@ class VecEnv:
         self._prev_last[sel] = last
         return rows
 
-    def _render(self, ids: np.ndarray) -> np.ndarray:
+    def render_frames(self, ids: np.ndarray) -> np.ndarray:
+        """Full-resolution RGB frames ``[n, H, W, 3]`` of envs ``ids`` (needs pixels or render=True)."""
         if self.backend == "envpool":
-            frames = self._env.render(env_ids=ids)
+            frames = self._env.render(env_ids=np.asarray(ids))
         else:
-            frames = np.stack(self._env.render())[ids]
-        return resize_frames(np.asarray(frames))
+            frames = np.stack(self._env.render())[np.asarray(ids)]
+        return np.asarray(frames)
 
     def pop_episodes(self) -> list[tuple[float, int]]:
         """Returns and clears the (return, length) of episodes finished since the last call."""
@@ -259,6 +265,9 @@ class VecEnv:
 
 
 def make_env(env_id: str, num_envs: int, seed: int = 0, obs: str = "vector",
-             batch_size: int | None = None) -> VecEnv:
-    """Builds a vectorised env: EnvPool when it has ``env_id``, else a gymnasium vector env."""
-    return VecEnv(env_id, num_envs, seed=seed, obs=obs, batch_size=batch_size)
+             batch_size: int | None = None, render: bool = False) -> VecEnv:
+    """Builds a vectorised env: EnvPool when it has ``env_id``, else a gymnasium vector env.
+
+    ``render=True`` enables ``render_frames`` (videos) without adding pixel observations.
+    """
+    return VecEnv(env_id, num_envs, seed=seed, obs=obs, batch_size=batch_size, render=render)

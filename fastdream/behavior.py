@@ -1,0 +1,172 @@
+"""Actor, critic (with slow EMA critic), return normalisation, λ-returns and the behaviour losses."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdream.nets import MLP, symlog, twohot_bins, twohot_decode, twohot_encode, twohot_loss, unimix_logits
+
+# ---------------------------------------------------------------- pure maths
+
+
+def lambda_return(reward: torch.Tensor, cont: torch.Tensor, value: torch.Tensor, gamma: float,
+                  lam: float) -> torch.Tensor:
+    """λ-returns ``[N, H]`` from ``reward [N, H]``, ``cont [N, H]`` (of transition t → t+1) and
+    ``value [N, H+1]``: R_t = r_t + γ c_t [(1 − λ) v_{t+1} + λ R_{t+1}], R_H = v_H.
+    """
+    H = reward.shape[1]
+    ret = value[:, H]
+    out = []
+    for t in reversed(range(H)):
+        ret = reward[:, t] + gamma * cont[:, t] * ((1.0 - lam) * value[:, t + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1], 1)
+
+
+def return_weights(cont: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Loss weights ``[N, H+1]`` from state continues ``cont [N, H+1]``: γ^t · ∏_{k≤t} c_k."""
+    return torch.cumprod(gamma * cont, 1) / gamma
+
+
+def return_norm_update(lo: torch.Tensor, hi: torch.Tensor, returns: torch.Tensor, decay: float = 0.99,
+                       low_q: float = 0.05, high_q: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """EMA of the 5th and 95th return percentiles: returns the new ``(lo, hi)``."""
+    flat = returns.detach().flatten().float()
+    q = torch.quantile(flat, torch.tensor([low_q, high_q], device=flat.device))
+    return decay * lo + (1 - decay) * q[0], decay * hi + (1 - decay) * q[1]
+
+
+def return_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """S = max(1, hi − lo)."""
+    return torch.clamp(hi - lo, min=1.0)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class Actor(nn.Module):
+    """π(a | s): unimix categorical (discrete) or bounded normal (continuous) over ``[..., F]``."""
+
+    def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int = 128, layers: int = 2,
+                 unimix: float = 0.01, min_std: float = 0.1, max_std: float = 1.0) -> None:
+        super().__init__()
+        self.discrete, self.action_dim, self.unimix = discrete, action_dim, unimix
+        self.min_std, self.max_std = min_std, max_std
+        self.net = MLP(feat_dim, units, layers, action_dim if discrete else 2 * action_dim)
+
+    def dist(self, feat: torch.Tensor) -> torch.distributions.Distribution:
+        x = self.net(feat)
+        if self.discrete:
+            return torch.distributions.Categorical(logits=unimix_logits(x, self.unimix), validate_args=False)
+        mean, std = x.chunk(2, -1)
+        std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
+        normal = torch.distributions.Normal(torch.tanh(mean), std, validate_args=False)
+        return torch.distributions.Independent(normal, 1, validate_args=False)
+
+    def sample(self, feat: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """Stored-form action ``[..., A]``: one-hot (discrete) or reparameterised sample (continuous)."""
+        d = self.dist(feat)
+        if self.discrete:
+            idx = d.probs.argmax(-1) if deterministic else d.sample()
+            return F.one_hot(idx, self.action_dim).float()
+        return d.mean if deterministic else d.rsample()
+
+    def log_prob(self, feat: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log π(action), entropy)`` for stored-form actions ``[..., A]``."""
+        d = self.dist(feat)
+        if self.discrete:
+            return d.log_prob(action.argmax(-1)), d.entropy()
+        return d.log_prob(action), d.entropy()
+
+
+class Critic(nn.Module):
+    """v(s): two-hot symlog distribution over 255 bins with a zero-initialised output layer."""
+
+    def __init__(self, feat_dim: int, units: int = 128, layers: int = 2, num_bins: int = 255) -> None:
+        super().__init__()
+        self.net = MLP(feat_dim, units, layers, num_bins, zero_out=True)
+        self.register_buffer("bins", twohot_bins(num_bins), persistent=False)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., K]``."""
+        return self.net(feat)
+
+    def value(self, feat: torch.Tensor) -> torch.Tensor:
+        return twohot_decode(self.net(feat), self.bins)
+
+    def loss(self, feat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return twohot_loss(self.net(feat), target, self.bins)
+
+
+class Behavior(nn.Module):
+    """Actor + critic + slow critic + return normaliser state."""
+
+    def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int = 128, layers: int = 2,
+                 gamma: float = 1 - 1 / 333, lam: float = 0.95, entropy: float = 3e-4, slow_rate: float = 0.02,
+                 slow_reg: float = 1.0, retnorm_decay: float = 0.99) -> None:
+        super().__init__()
+        self.actor = Actor(feat_dim, action_dim, discrete, units, layers)
+        self.critic = Critic(feat_dim, units, layers)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.discrete = discrete
+        self.gamma, self.lam, self.entropy_scale = gamma, lam, entropy
+        self.slow_rate, self.slow_reg, self.retnorm_decay = slow_rate, slow_reg, retnorm_decay
+        self.register_buffer("ret_lo", torch.zeros(()))
+        self.register_buffer("ret_hi", torch.zeros(()))
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters(), strict=True):
+            slow.lerp_(fast, self.slow_rate)
+
+    def losses(self, traj: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Actor and critic losses on an imagined trajectory.
+
+        ``traj``: ``feat [N, H+1, F]``, ``action [N, H, A]``, ``reward [N, H]`` and ``cont [N, H]``
+        (predicted at s_1..s_H), ``start_cont [N]``.
+        """
+        feat = traj["feat"]
+        H = traj["action"].shape[1]
+        # One critic pass over all H+1 states serves both the return targets and the critic loss.
+        critic_logits = self.critic(feat if not self.discrete else feat.detach())  # [N, H+1, K]
+        value = twohot_decode(critic_logits, self.critic.bins)
+        ret = lambda_return(traj["reward"], traj["cont"], value if not self.discrete else value.detach(),
+                            self.gamma, self.lam)
+        state_cont = torch.cat([traj["start_cont"][:, None], traj["cont"]], 1)
+        weight = return_weights(state_cont, self.gamma).detach()[:, :H]
+        lo, hi = return_norm_update(self.ret_lo, self.ret_hi, ret, self.retnorm_decay)
+        self.ret_lo.copy_(lo)
+        self.ret_hi.copy_(hi)
+        scale = return_scale(lo, hi)
+        base = value[:, :H].detach()
+        logp, ent = self.actor.log_prob(feat[:, :H].detach() if self.discrete else feat[:, :H], traj["action"])
+        if self.discrete:
+            adv = ((ret - base) / scale).detach()
+            actor_obj = logp * adv
+        else:
+            actor_obj = (ret - base) / scale
+        actor_loss = -(weight * (actor_obj + self.entropy_scale * ent)).mean()
+        with torch.no_grad():
+            slow = self.slow_critic.value(feat[:, :H].detach())
+        logp_bins = (critic_logits[:, :H] if self.discrete else self.critic(feat[:, :H].detach())).log_softmax(-1)
+        bins = self.critic.bins
+        critic_nll = -(twohot_encode(symlog(ret.detach()), bins) * logp_bins).sum(-1)
+        slow_nll = -(twohot_encode(symlog(slow), bins) * logp_bins).sum(-1)
+        critic_loss = (weight * (critic_nll + self.slow_reg * slow_nll)).mean()
+        metrics = {
+            "behavior/actor_loss": actor_loss.detach(),
+            "behavior/critic_loss": critic_loss.detach(),
+            "behavior/entropy": ent.detach().mean(),
+            "behavior/return": ret.detach().mean(),
+            "behavior/value": base.mean(),
+            "behavior/dream_reward": traj["reward"].detach().mean(),
+            "behavior/dream_cont": traj["cont"].detach().mean(),
+            "behavior/retnorm_scale": scale.detach(),
+            "behavior/retnorm_lo": lo.detach(),
+            "behavior/retnorm_hi": hi.detach(),
+        }
+        return actor_loss, critic_loss, metrics

@@ -1,0 +1,48 @@
+"""Atomic checkpoints: one directory (``state.pt`` + optional ``replay/``) swapped into place whole."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdream.replay import ReplayBuffer, _replace_dir
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def save(run_dir: Path, state: dict[str, Any], replay: ReplayBuffer | None) -> Path:
+    """Writes ``run_dir/checkpoint`` atomically: a crash leaves the previous checkpoint intact."""
+    final = Path(run_dir) / CHECKPOINT_DIR
+    tmp = final.with_name(f".{CHECKPOINT_DIR}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if replay is not None:
+        replay.save(tmp / "replay")
+    _replace_dir(tmp, final)
+    return final
+
+
+def exists(run_dir: Path) -> bool:
+    return (Path(run_dir) / CHECKPOINT_DIR / "state.pt").is_file()
+
+
+def load(run_dir: Path) -> tuple[dict[str, Any], ReplayBuffer | None]:
+    """Reads ``run_dir/checkpoint``; a missing or damaged one is a ValueError."""
+    ck = Path(run_dir) / CHECKPOINT_DIR
+    if not (ck / "state.pt").is_file():
+        raise ValueError(f"no checkpoint in {run_dir} (expected {ck / 'state.pt'})")
+    try:
+        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many kinds on a truncated file
+        raise ValueError(f"cannot read checkpoint {ck / 'state.pt'}: {exc}") from None
+    replay = ReplayBuffer.load(ck / "replay") if (ck / "replay").is_dir() else None
+    return state, replay

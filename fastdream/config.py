@@ -1,0 +1,193 @@
+"""Every knob as a dataclass field (the comment after it is its help), plus presets and ``--set``."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class EnvConfig:
+    id: str = "CartPole-v1"  # EnvPool or gymnasium id
+    num_envs: int = 64  # parallel training envs
+    obs: str = "vector"  # vector | pixels | both
+    batch_size: int = 0  # async EnvPool batch (0 = synchronous)
+    target_return: float = 475.0  # mean eval return that counts as solved (stops the run)
+
+
+@dataclass
+class ModelConfig:
+    deter: int = 128  # RSSM deterministic state size
+    hidden: int = 128  # RSSM hidden units
+    stoch: int = 32  # categorical latents
+    classes: int = 16  # classes per latent
+    blocks: int = 8  # block-GRU groups
+    units: int = 128  # MLP units (encoder, decoder, heads, actor, critic)
+    layers: int = 1  # MLP layers in encoder/decoder/heads
+    actor_layers: int = 2  # MLP layers of actor and critic
+    cnn_mult: int = 16  # CNN channel multiplier for pixels
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300_000  # env-step budget
+    train_ratio: float = 64.0  # replayed steps per env step (updates per env step = ratio / (B*T))
+    batch_size: int = 16  # B sequences per update
+    seq_len: int = 64  # T steps per sequence
+    prefill: int = 5_000  # random-policy env steps before training
+    warmup_updates: int = 100  # world-model-only updates before the actor and critic train
+    horizon: int = 15  # imagination horizon H
+    dream_starts: int = 0  # dreams per update, sampled from the B*T posterior states (0 = all of them)
+    gamma: float = 1 - 1 / 333  # discount
+    lam: float = 0.95  # lambda of lambda-returns
+    entropy: float = 3e-4  # actor entropy scale
+    wm_lr: float = 1e-4  # world-model learning rate
+    actor_lr: float = 3e-5  # actor learning rate
+    critic_lr: float = 3e-5  # critic learning rate
+    wm_clip: float = 1000.0  # world-model gradient clip (global norm)
+    ac_clip: float = 100.0  # actor/critic gradient clip
+    replay_capacity: int = 1_000_000  # replay rows over all envs
+    recency: float = 0.0  # replay recency mix in [0, 1]
+    eval_every: int = 10_000  # env steps between evaluations
+    eval_episodes: int = 10  # episodes per evaluation
+    checkpoint_every: int = 500  # updates between checkpoints
+    save_replay: bool = True  # save the replay beside checkpoints
+    log_every: int = 50  # updates between metric rows
+    max_bad_updates: int = 10  # consecutive skipped updates before the run stops
+    seed: int = 0  # seed of envs, networks, sampling
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the update's forward passes)
+    threads: int = 0  # torch CPU threads (0 = all cores)
+
+
+@dataclass
+class Config:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        cfg = cls()
+        for section, values in d.items():
+            sub = getattr(cfg, section)
+            for k, v in values.items():
+                setattr(sub, k, v)
+        return cfg
+
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"model.deter": 128, "model.hidden": 128, "model.units": 128, "model.layers": 1,
+             "model.classes": 16, "model.cnn_mult": 16},
+    # DreamerV3 paper sizes.
+    "xs": {"model.deter": 256, "model.hidden": 256, "model.units": 256, "model.layers": 1,
+           "model.classes": 32, "model.cnn_mult": 24},
+    "s": {"model.deter": 512, "model.hidden": 512, "model.units": 512, "model.layers": 2,
+          "model.classes": 32, "model.cnn_mult": 32},
+}
+
+TASKS: dict[str, dict[str, Any]] = {
+    "cartpole": {"env.id": "CartPole-v1", "env.target_return": 475.0, "train.steps": 300_000,
+                 "train.train_ratio": 64.0, "train.prefill": 5_000, "train.wm_lr": 3e-4,
+                 "train.actor_lr": 1e-4, "train.critic_lr": 1e-4, "train.eval_every": 5_000,
+                 "train.dream_starts": 256},
+    "cartpole-pixels": {"env.id": "CartPole-v1", "env.obs": "pixels", "env.num_envs": 16,
+                        "env.target_return": 400.0, "train.steps": 400_000, "train.train_ratio": 128.0,
+                        "train.prefill": 5_000, "train.wm_lr": 3e-4, "train.actor_lr": 1e-4,
+                        "train.critic_lr": 1e-4, "train.eval_every": 10_000},
+    "lunarlander": {"env.id": "LunarLander-v3", "env.target_return": 200.0, "train.steps": 1_000_000,
+                    "train.train_ratio": 64.0, "train.prefill": 10_000, "train.wm_lr": 3e-4,
+                    "train.actor_lr": 1e-4, "train.critic_lr": 1e-4, "train.eval_every": 20_000},
+    "lunarlander-pixels": {"env.id": "LunarLander-v3", "env.obs": "pixels", "env.num_envs": 16,
+                           "env.target_return": 200.0, "train.steps": 1_000_000, "train.train_ratio": 128.0,
+                           "train.prefill": 10_000, "train.wm_lr": 3e-4, "train.actor_lr": 1e-4,
+                           "train.critic_lr": 1e-4, "train.eval_every": 20_000},
+}
+PRESETS: dict[str, dict[str, Any]] = {**TASKS, **SIZES}
+
+
+def valid_keys() -> list[str]:
+    cfg = Config()
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    kind = type(current)
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(float(text)) if float(text).is_integer() else int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ValueError(f"bad value {text!r} for {key} (expected {kind.__name__})") from None
+
+
+def apply(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Returns a copy of ``cfg`` with ``{"section.field": value}`` applied (values typed already)."""
+    cfg = copy.deepcopy(cfg)
+    keys = valid_keys()
+    for key, value in overrides.items():
+        if key not in keys:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(keys)}")
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def apply_presets(cfg: Config, names: list[str]) -> Config:
+    """Applies presets in order (e.g. ``["lunarlander", "xs"]``)."""
+    for name in names:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        cfg = apply(cfg, PRESETS[name])
+    return cfg
+
+
+def apply_sets(cfg: Config, items: list[str]) -> Config:
+    """Applies ``--set section.field=value`` strings, parsing each value as the field's type."""
+    keys = valid_keys()
+    parsed = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects section.field=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in keys:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(keys)}")
+        section, name = key.split(".")
+        parsed[key] = _parse_value(key, text, getattr(getattr(cfg, section), name))
+    return apply(cfg, parsed)
+
+
+def validate(cfg: Config) -> None:
+    """Raises ValueError naming the first out-of-range value."""
+    checks = [
+        (cfg.env.num_envs >= 1, "env.num_envs must be >= 1"),
+        (cfg.env.obs in ("vector", "pixels", "both"), "env.obs must be vector, pixels or both"),
+        (cfg.train.batch_size >= 1 and cfg.train.seq_len >= 2, "train.batch_size >= 1 and train.seq_len >= 2"),
+        (cfg.train.train_ratio > 0, "train.train_ratio must be > 0"),
+        (cfg.train.horizon >= 1, "train.horizon must be >= 1"),
+        (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+        (cfg.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
+        (cfg.model.deter % cfg.model.blocks == 0, "model.deter must be divisible by model.blocks"),
+        (cfg.train.replay_capacity // cfg.env.num_envs >= cfg.train.seq_len,
+         "train.replay_capacity // env.num_envs must be >= train.seq_len"),
+        (0.0 <= cfg.train.recency <= 1.0, "train.recency must be in [0, 1]"),
+        (cfg.train.eval_episodes >= 1, "train.eval_episodes must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)

@@ -1,0 +1,83 @@
+"""Metrics to ``metrics.jsonl`` and TensorBoard, plus a live console progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Logger:
+    """Appends one JSON object per ``write`` to ``run_dir/metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"env_steps": step, "time": time.time()}
+        for k, v in metrics.items():
+            v = float(v) if isinstance(v, int | float) or hasattr(v, "item") else v
+            row[k] = v if not (isinstance(v, float) and not math.isfinite(v)) else str(v)
+            if self._tb is not None and isinstance(v, float) and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A one-line live status (rich) with env steps, return, updates/s and ETA."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.total = total
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=total, info="")
+
+    def update(self, done: int, info: str) -> None:
+        if self.enabled:
+            self._bar.update(self._task, completed=min(done, self.total), info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.stop()
+
+
+def write_video(path: str | Path, frames: list) -> Path:
+    """Writes RGB frames ``[H, W, 3]`` uint8 as an animated GIF (Pillow) or, for .mp4, via imageio."""
+    path = Path(path)
+    if not frames:
+        raise ValueError("no frames to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio.v2 as imageio
+        except ImportError:
+            raise ValueError("writing .mp4 needs `pip install fastdream[video]`; use a .gif path instead") from None
+        imageio.mimwrite(path, frames, fps=30)
+        return path
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=33, loop=0)
+    return path

@@ -1,0 +1,196 @@
+"""Building blocks: symlog, two-hot, unimix categoricals, MLPs, BlockLinear, CNN encoder/decoder.
+
+Shapes use ``[..., D]``; ``B`` batch, ``T`` time, ``S`` latents, ``K`` classes per latent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------- pure maths
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) · ln(1 + |x|)."""
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of symlog: sign(x) · (exp(|x|) − 1)."""
+    return torch.sign(x) * torch.expm1(torch.abs(x))
+
+
+def twohot_bins(num_bins: int = 255, low: float = -20.0, high: float = 20.0) -> torch.Tensor:
+    """Bin centres in symlog space, ``[num_bins]`` (DreamerV3: 255 bins on [-20, 20])."""
+    return torch.linspace(low, high, num_bins)
+
+
+def twohot_encode(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Two-hot encodes symlog-space targets ``y [...]`` over ``bins [K]`` → ``[..., K]``.
+
+    The two neighbouring bins share the mass so that their weighted mean is exactly ``y``
+    (clipped to the bin range).
+    """
+    y = y.clamp(bins[0], bins[-1])
+    above = torch.searchsorted(bins, y.contiguous(), right=True).clamp(1, len(bins) - 1)
+    below = above - 1
+    lo, hi = bins[below], bins[above]
+    w_hi = ((y - lo) / (hi - lo)).clamp(0.0, 1.0)
+    out = torch.zeros(*y.shape, len(bins), dtype=y.dtype, device=y.device)
+    out.scatter_(-1, below.unsqueeze(-1), (1.0 - w_hi).unsqueeze(-1))
+    out.scatter_add_(-1, above.unsqueeze(-1), w_hi.unsqueeze(-1))
+    return out
+
+
+def twohot_decode(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Expected value of ``logits [..., K]`` over ``bins``, mapped back with symexp → ``[...]``."""
+    return symexp((logits.softmax(-1) * bins).sum(-1))
+
+
+def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits [..., K]`` against the two-hot of symlog(``target [...]``) → ``[...]``."""
+    return -(twohot_encode(symlog(target), bins) * logits.log_softmax(-1)).sum(-1)
+
+
+def unimix_logits(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
+    """Logits of ``(1 − unimix) · softmax(logits) + unimix / K`` over the last axis."""
+    if unimix <= 0:
+        return logits.log_softmax(-1)
+    probs = (1.0 - unimix) * logits.softmax(-1) + unimix / logits.shape[-1]
+    return probs.log()
+
+
+def straight_through_sample(logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One-hot sample of categorical ``logits [..., K]`` with straight-through gradients.
+
+    Inverse-CDF sampling with one uniform per categorical (``noise [...]`` in [0, 1), drawn if not
+    given, so a caller can make the draw reproducible): K× fewer random numbers than Gumbel-max,
+    which measured ~25 % of an eager imagination step on this CPU.
+    """
+    probs = logits.softmax(-1)
+    if noise is None:
+        noise = torch.rand(logits.shape[:-1], device=logits.device, dtype=probs.dtype)
+    cdf = probs.detach().cumsum(-1)
+    index = (cdf < noise.unsqueeze(-1)).sum(-1).clamp(max=logits.shape[-1] - 1)
+    onehot = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
+    return onehot + probs - probs.detach()
+
+
+def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:
+    """KL(lhs ‖ rhs) of categoricals ``[..., S, K]`` summed over the S latents → ``[...]``."""
+    lhs_logp = lhs_logits.log_softmax(-1)
+    rhs_logp = rhs_logits.log_softmax(-1)
+    return (lhs_logp.exp() * (lhs_logp - rhs_logp)).sum((-2, -1))
+
+
+# ---------------------------------------------------------------- layers
+
+
+class Norm(nn.Module):
+    """LayerNorm over the last axis with DreamerV3's eps=1e-3."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(dim, eps=1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x)
+
+
+class MLP(nn.Module):
+    """``layers`` × (Linear → LayerNorm → SiLU), then an optional output Linear."""
+
+    def __init__(self, in_dim: int, units: int, layers: int, out_dim: int | None = None,
+                 zero_out: bool = False) -> None:
+        super().__init__()
+        mods: list[nn.Module] = []
+        d = in_dim
+        for _ in range(layers):
+            mods += [nn.Linear(d, units, bias=False), Norm(units), nn.SiLU()]
+            d = units
+        self.body = nn.Sequential(*mods)
+        self.out_dim = d if out_dim is None else out_dim
+        self.head = nn.Linear(d, out_dim) if out_dim is not None else None
+        if self.head is not None and zero_out:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x)
+        return self.head(x) if self.head is not None else x
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear map: ``[..., G·I] → [..., G·O]``, each of G groups on its own chunk."""
+
+    def __init__(self, in_dim: int, out_dim: int, groups: int) -> None:
+        super().__init__()
+        if in_dim % groups or out_dim % groups:
+            raise ValueError(f"in_dim {in_dim} and out_dim {out_dim} must be divisible by groups {groups}")
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(groups, in_dim // groups, out_dim // groups))
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        bound = 1.0 / math.sqrt(in_dim // groups)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xg = x.reshape(-1, self.groups, x.shape[-1] // self.groups).transpose(0, 1)  # [G, N, I]
+        y = torch.bmm(xg, self.weight).transpose(0, 1)  # [N, G, O]
+        return y.reshape(*lead, -1) + self.bias
+
+
+class ImageEncoder(nn.Module):
+    """64×64×3 uint8 → features: stride-2 convs (depth mult·[1, 2, 4, 8]) with norm and SiLU."""
+
+    def __init__(self, mult: int = 16) -> None:
+        super().__init__()
+        chans = [3, mult, 2 * mult, 4 * mult, 8 * mult]
+        mods: list[nn.Module] = []
+        for i in range(4):
+            mods += [nn.Conv2d(chans[i], chans[i + 1], 4, 2, 1, bias=False), ChannelNorm(chans[i + 1]), nn.SiLU()]
+        self.net = nn.Sequential(*mods)
+        self.out_dim = 8 * mult * 4 * 4
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``[..., 64, 64, 3]`` uint8 → ``[..., out_dim]``."""
+        lead = image.shape[:-3]
+        x = image.reshape(-1, *image.shape[-3:]).permute(0, 3, 1, 2).float() / 255.0 - 0.5
+        return self.net(x).reshape(*lead, -1)
+
+
+class ImageDecoder(nn.Module):
+    """Features → 64×64×3 image in [0, 1] (predicted mean; loss is MSE on [0, 1] pixels)."""
+
+    def __init__(self, in_dim: int, mult: int = 16) -> None:
+        super().__init__()
+        self.mult = mult
+        self.fc = nn.Linear(in_dim, 8 * mult * 4 * 4)
+        chans = [8 * mult, 4 * mult, 2 * mult, mult]
+        mods: list[nn.Module] = []
+        for i in range(3):
+            mods += [nn.ConvTranspose2d(chans[i], chans[i + 1], 4, 2, 1, bias=False), ChannelNorm(chans[i + 1]),
+                     nn.SiLU()]
+        mods += [nn.ConvTranspose2d(mult, 3, 4, 2, 1)]
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """``[..., in_dim]`` → ``[..., 64, 64, 3]`` (centred: target is pixels/255 − 0.5)."""
+        lead = feat.shape[:-1]
+        x = self.fc(feat.reshape(-1, feat.shape[-1])).reshape(-1, 8 * self.mult, 4, 4)
+        return self.net(x).permute(0, 2, 3, 1).reshape(*lead, 64, 64, 3)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels of ``[N, C, H, W]``."""
+
+    def __init__(self, chans: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(chans, eps=1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -1,0 +1,111 @@
+"""RSSM with a block GRU (DreamerV3): deterministic state h ``[N, D]``, stochastic z ``[N, S, K]``.
+
+h_t = core(h_{t-1}, z_{t-1}, a_{t-1}); prior p(z_t | h_t); posterior q(z_t | h_t, e_t).
+Rows store the action that led to them, so row t's ``action`` is exactly a_{t-1}.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastdream.nets import MLP, BlockLinear, Norm, straight_through_sample, unimix_logits
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model; all state tensors are plain ``(deter, stoch)`` pairs."""
+
+    def __init__(self, action_dim: int, embed_dim: int, deter: int = 128, hidden: int = 128,
+                 stoch: int = 32, classes: int = 16, blocks: int = 8, unimix: float = 0.01,
+                 dyn_layers: int = 1) -> None:
+        super().__init__()
+        if deter % blocks:
+            raise ValueError(f"deter {deter} must be divisible by blocks {blocks}")
+        self.deter, self.hidden, self.stoch, self.classes, self.blocks = deter, hidden, stoch, classes, blocks
+        self.unimix = unimix
+        self.feat_dim = deter + stoch * classes
+        self.dynin_deter = nn.Sequential(nn.Linear(deter, hidden, bias=False), Norm(hidden), nn.SiLU())
+        self.dynin_stoch = nn.Sequential(nn.Linear(stoch * classes, hidden, bias=False), Norm(hidden), nn.SiLU())
+        self.dynin_action = nn.Sequential(nn.Linear(action_dim, hidden, bias=False), Norm(hidden), nn.SiLU())
+        group_in = deter // blocks + 3 * hidden
+        layers: list[nn.Module] = []
+        for _ in range(dyn_layers):
+            layers += [BlockLinear(blocks * group_in, deter, blocks), Norm(deter), nn.SiLU()]
+            group_in = deter // blocks
+        self.dynhid = nn.Sequential(*layers)
+        self.gru = BlockLinear(deter, 3 * deter, blocks)
+        self.prior_net = MLP(deter, hidden, 1, stoch * classes)
+        self.post_net = MLP(deter + embed_dim, hidden, 1, stoch * classes)
+
+    # ---------------------------------------------------------------- pieces
+    def initial(self, n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero state: ``([n, D], [n, S, K])``."""
+        return (torch.zeros(n, self.deter, device=device),
+                torch.zeros(n, self.stoch, self.classes, device=device))
+
+    def feat(self, deter: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:
+        """``[..., D]``, ``[..., S, K]`` → ``[..., D + S·K]``."""
+        return torch.cat([deter, stoch.flatten(-2)], -1)
+
+    def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]``."""
+        action = action / action.abs().clamp(min=1.0).detach()
+        x = torch.cat([self.dynin_deter(deter), self.dynin_stoch(stoch.flatten(-2)), self.dynin_action(action)], -1)
+        g = self.blocks
+        x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])
+        x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1).flatten(-2)
+        x = self.gru(self.dynhid(x))
+        reset, cand, update = x.reshape(*x.shape[:-1], g, 3, -1).unbind(-2)
+        reset, cand, update = (t.flatten(-2) for t in (reset, cand, update))
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1.0)
+        return update * cand + (1.0 - update) * deter
+
+    def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` → unimix prior logits ``[N, S, K]``."""
+        logits = self.prior_net(deter).reshape(*deter.shape[:-1], self.stoch, self.classes)
+        return unimix_logits(logits, self.unimix)
+
+    def post_logits(self, deter: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """``[N, D], [N, E]`` → unimix posterior logits ``[N, S, K]``."""
+        logits = self.post_net(torch.cat([deter, embed], -1)).reshape(*deter.shape[:-1], self.stoch, self.classes)
+        return unimix_logits(logits, self.unimix)
+
+    # ---------------------------------------------------------------- steps
+    def img_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
+                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One imagined step from the prior: returns ``(deter, stoch, prior_logits)``."""
+        deter = self.core(deter, stoch, action)
+        logits = self.prior_logits(deter)
+        return deter, straight_through_sample(logits, noise), logits
+
+    def obs_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, embed: torch.Tensor,
+                 is_first: torch.Tensor, noise: torch.Tensor | None = None):
+        """One posterior step; ``is_first [N]`` resets the carry (and zeroes the action) first.
+
+        Returns ``(deter, stoch, post_logits, prior_logits)``.
+        """
+        keep = (~is_first).to(deter.dtype)
+        deter = deter * keep[:, None]
+        stoch = stoch * keep[:, None, None]
+        action = action * keep[:, None]
+        deter = self.core(deter, stoch, action)
+        prior = self.prior_logits(deter)
+        post = self.post_logits(deter, embed)
+        return deter, straight_through_sample(post, noise), post, prior
+
+    def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
+                state: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Posterior over a sequence: ``embed [B, T, E]``, ``action [B, T, A]``, ``is_first [B, T]``.
+
+        Returns ``deter [B, T, D]``, ``stoch [B, T, S, K]``, ``post``/``prior`` logits ``[B, T, S, K]``.
+        """
+        B, T = embed.shape[:2]
+        deter, stoch = state if state is not None else self.initial(B, embed.device)
+        outs: dict[str, list[torch.Tensor]] = {"deter": [], "stoch": [], "post": [], "prior": []}
+        for t in range(T):
+            deter, stoch, post, prior = self.obs_step(deter, stoch, action[:, t], embed[:, t], is_first[:, t])
+            for k, v in zip(("deter", "stoch", "post", "prior"), (deter, stoch, post, prior), strict=True):
+                outs[k].append(v)
+        return {k: torch.stack(v, 1) for k, v in outs.items()}

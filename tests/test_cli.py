@@ -1,0 +1,72 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL_SETS = ["model.deter=32", "model.hidden=32", "model.units=32", "model.stoch=8", "model.classes=4",
+              "model.blocks=4", "train.horizon=5", "train.batch_size=2", "train.seq_len=8", "train.prefill=64",
+              "train.train_ratio=4", "train.warmup_updates=5", "train.eval_every=200", "train.eval_episodes=2",
+              "train.log_every=5", "train.replay_capacity=800"]
+
+
+def run(*args, timeout=300):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "fastdream.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_help_lists_commands_and_flags():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("train", "eval", "collect", "bench"):
+        assert cmd in r.stdout
+    r = run("train", "--help")
+    assert r.returncode == 0
+    for flag in ("--env", "--envs", "--preset", "--obs", "--steps", "--train-ratio", "--logdir", "--seed",
+                 "--device", "--resume", "--set"):
+        assert flag in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--env", "CartPol-v1"], "unknown environment id 'CartPol-v1'"),
+    (["train", "--preset", "cartpol"], "unknown preset 'cartpol'; valid presets: cartpole"),
+    (["train", "--set", "train.horizonn=5"], "unknown config key 'train.horizonn'; valid keys:"),
+    (["train", "--set", "train.horizon=five"], "bad value 'five' for train.horizon (expected int)"),
+    (["train", "--set", "train.horizon"], "--set expects section.field=value"),
+    (["train", "--set", "train.horizon=0"], "train.horizon must be >= 1"),
+    (["train", "--resume", "/nonexistent/run"], "no checkpoint there"),
+    (["eval", "/nonexistent/run"], "no checkpoint in /nonexistent/run"),
+    (["bench", "nosuch"], "unknown bench suite(s) ['nosuch']"),
+])
+def test_errors_exit_nonzero_with_one_line(args, message):
+    r = run(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_short_run_writes_metrics_tensorboard_checkpoint_and_evaluates(tmp_path):
+    logdir = tmp_path / "run"
+    sets = [x for s in SMALL_SETS for x in ("--set", s)]
+    r = run("train", "--envs", "4", "--steps", "400", "--logdir", str(logdir), "--quiet", *sets)
+    assert r.returncode == 0, r.stderr
+    assert "budget: eval return" in r.stdout and "400 env steps" in r.stdout
+    rows = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert any("wm/loss" in row for row in rows) and any("eval/return" in row for row in rows)
+    assert rows[-1]["summary/env_steps"] == 400
+    assert any(p.name.startswith("events.out.tfevents") for p in (logdir / "tb").iterdir())
+    assert (logdir / "checkpoint" / "state.pt").is_file() and (logdir / "checkpoint" / "replay" / "meta.json").is_file()
+    # Starting a new run over an existing one is refused; --resume continues it.
+    r = run("train", "--envs", "4", "--logdir", str(logdir), *sets)
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    r = run("train", "--resume", str(logdir), "--steps", "480", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "480 env steps" in r.stdout
+    gif = tmp_path / "ep.gif"
+    r = run("eval", str(logdir), "--episodes", "2", "--video", str(gif))
+    assert r.returncode == 0, r.stderr
+    assert "mean return" in r.stdout
+    assert gif.read_bytes()[:6] == b"GIF89a"
