@@ -80,7 +80,7 @@ class Agent(torch.nn.Module):
         ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long, device=dev)
         deter_all, stoch_all = carry if carry is not None else (self.carry_deter, self.carry_stoch)
         embed = self.wm.encode(obs)
-        deter, stoch, _, _ = self.wm.rssm.obs_step(deter_all[ids], stoch_all[ids], obs["action"], embed,
+        deter, stoch, _ = self.wm.rssm.obs_step(deter_all[ids], stoch_all[ids], obs["action"], embed,
                                                    obs["is_first"])
         # A non-finite observation (a broken simulator) must not poison the carry or crash acting:
         # its env acts uniformly at random; the training side skips and counts the bad updates.

@@ -7,6 +7,7 @@ Rows store the action that led to them, so row t's ``action`` is exactly a_{t-1}
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdream.nets import MLP, BlockLinear, Norm, straight_through_sample, unimix_logits
@@ -81,19 +82,26 @@ class RSSM(nn.Module):
         return deter, straight_through_sample(logits, noise), logits
 
     def obs_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, embed: torch.Tensor,
-                 is_first: torch.Tensor, noise: torch.Tensor | None = None):
+                 is_first: torch.Tensor, noise: torch.Tensor | None = None,
+                 embed_proj: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One posterior step; ``is_first [N]`` resets the carry (and zeroes the action) first.
 
-        Returns ``(deter, stoch, post_logits, prior_logits)``.
+        Returns ``(deter, stoch, post_logits)``; the prior of ``deter`` is ``prior_logits(deter)``.
+        ``embed_proj`` is ``embed`` already through the posterior's first layer (see ``observe``).
         """
         keep = (~is_first).to(deter.dtype)
         deter = deter * keep[:, None]
         stoch = stoch * keep[:, None, None]
         action = action * keep[:, None]
         deter = self.core(deter, stoch, action)
-        prior = self.prior_logits(deter)
-        post = self.post_logits(deter, embed)
-        return deter, straight_through_sample(post, noise), post, prior
+        if embed_proj is None:
+            post = self.post_logits(deter, embed)
+        else:
+            first = self.post_net.body[0]
+            x = F.linear(deter, first.weight[:, : self.deter]) + embed_proj
+            x = self.post_net.head(self.post_net.body[1:](x))
+            post = unimix_logits(x.reshape(*deter.shape[:-1], self.stoch, self.classes), self.unimix)
+        return deter, straight_through_sample(post, noise), post
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
                 state: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -103,9 +111,16 @@ class RSSM(nn.Module):
         """
         B, T = embed.shape[:2]
         deter, stoch = state if state is not None else self.initial(B, embed.device)
-        outs: dict[str, list[torch.Tensor]] = {"deter": [], "stoch": [], "post": [], "prior": []}
+        # The embedding's share of the posterior's first layer, and the prior, need no recurrence:
+        # computing them for all T at once took the observe loop from 0.15 s to ~0.1 s (B16 x T64, tiny).
+        embed_proj = F.linear(embed, self.post_net.body[0].weight[:, self.deter:])
+        deters, stochs, posts = [], [], []
         for t in range(T):
-            deter, stoch, post, prior = self.obs_step(deter, stoch, action[:, t], embed[:, t], is_first[:, t])
-            for k, v in zip(("deter", "stoch", "post", "prior"), (deter, stoch, post, prior), strict=True):
-                outs[k].append(v)
-        return {k: torch.stack(v, 1) for k, v in outs.items()}
+            deter, stoch, post = self.obs_step(deter, stoch, action[:, t], embed[:, t], is_first[:, t],
+                                               embed_proj=embed_proj[:, t])
+            deters.append(deter)
+            stochs.append(stoch)
+            posts.append(post)
+        deter = torch.stack(deters, 1)
+        return {"deter": deter, "stoch": torch.stack(stochs, 1), "post": torch.stack(posts, 1),
+                "prior": self.prior_logits(deter)}
