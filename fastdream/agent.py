@@ -41,12 +41,13 @@ class Agent(torch.nn.Module):
     def __init__(self, world_model: WorldModel, behavior: Behavior, num_envs: int, horizon: int = 15,
                  discrete: bool = True, wm_opt: OptimConfig | None = None, actor_opt: OptimConfig | None = None,
                  critic_opt: OptimConfig | None = None, seed: int = 0, precision: str = "fp32",
-                 dream_starts: int = 0) -> None:
+                 dream_starts: int = 0, engine: str = "eager") -> None:
         super().__init__()
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
         self.dream_starts = dream_starts  # 0: dream from every posterior state of the batch
+        self.engine = engine
         self.wm, self.behavior = world_model, behavior
         self.horizon, self.discrete, self.num_envs = horizon, discrete, num_envs
         wm_opt = wm_opt or OptimConfig(1e-4, 1e-8, 1000.0)
@@ -143,7 +144,8 @@ class Agent(torch.nn.Module):
                 pick = torch.randperm(B * T, device=start_cont.device)[: self.dream_starts]
                 starts, start_cont = (starts[0][pick], starts[1][pick]), start_cont[pick]
             with self._autocast():
-                traj = imagine(self.wm, self.behavior.actor, starts, self.horizon, grad=not self.discrete)
+                traj = imagine(self.wm, self.behavior.actor, starts, self.horizon, engine=self.engine,
+                               grad=not self.discrete)
                 traj["start_cont"] = start_cont
                 actor_loss, critic_loss, bm = self.behavior.losses(traj)
             metrics.update(bm)

@@ -75,6 +75,19 @@ class Actor(nn.Module):
             return F.one_hot(idx, self.action_dim).float()
         return d.mean if deterministic else d.rsample()
 
+    def sample_with_noise(self, feat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Stored-form action from fixed noise, with plain ops (no torch.distributions) so that a
+        compiled rollout has no graph break: inverse-CDF one-hot for ``noise [N]`` uniform (discrete),
+        ``tanh(mean) + std · noise`` for ``noise [N, A]`` standard normal (continuous)."""
+        x = self.net(feat)
+        if self.discrete:
+            probs = (1.0 - self.unimix) * x.float().softmax(-1) + self.unimix / self.action_dim
+            index = (probs.cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp(max=self.action_dim - 1)
+            return F.one_hot(index, self.action_dim).to(feat.dtype)
+        mean, std = x.chunk(2, -1)
+        std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
+        return torch.tanh(mean) + std * noise
+
     def log_prob(self, feat: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log π(action), entropy)`` for stored-form actions ``[..., A]``."""
         d = self.dist(feat)
@@ -143,7 +156,7 @@ class Behavior(nn.Module):
         self.ret_hi.copy_(hi)
         scale = return_scale(lo, hi)
         base = value[:, :H].detach()
-        logp, ent = self.actor.log_prob(feat[:, :H].detach() if self.discrete else feat[:, :H], traj["action"])
+        logp, ent = traj["logprob"], traj["entropy"]
         if self.discrete:
             adv = ((ret - base) / scale).detach()
             actor_obj = logp * adv

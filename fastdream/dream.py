@@ -1,34 +1,191 @@
-"""The dream engine: imagined rollouts from posterior start states (reference loop for now)."""
+"""The dream engine: many short imagined rollouts from posterior start states, as one batch.
+
+Engines (same maths, same outputs for the same noise, within float tolerance):
+  eager      the plain reference loop.
+  compile    torch.compile of the whole H-step rollout (policy sampling included), no graph breaks.
+  triton     the fused step kernels of fastdream.kernels.rssm_step around torch's matmuls.
+  cudagraph  the compiled rollout captured once per shape and replayed (CUDA only, no-grad dreams).
+``auto`` picks cudagraph on CUDA for no-grad dreams, else compile.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from fastdream.behavior import Actor
 from fastdream.world_model import WorldModel
 
+ENGINES = ("auto", "eager", "compile", "triton", "cudagraph")
+
+
+# ---------------------------------------------------------------- schedules
+
+
+@dataclass
+class HorizonSchedule:
+    """Imagination horizon per update: fixed, a linear ramp, or a fixed imagined-step budget.
+
+    mode ``fixed``: H = ``horizon``. ``ramp``: H goes linearly from ``h_min`` at update ``ramp_start``
+    to ``h_max`` at ``ramp_end`` (MBPO's schedule shape). ``budget``: N·H = ``budget`` imagined
+    steps, so ``starts(total)`` = budget // H for the H of the ramp (or fixed) part.
+    """
+
+    mode: str = "fixed"
+    horizon: int = 15
+    h_min: int = 1
+    h_max: int = 15
+    ramp_start: int = 0
+    ramp_end: int = 20_000
+    budget: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("fixed", "ramp", "budget"):
+            raise ValueError(f"horizon schedule mode must be fixed, ramp or budget, got {self.mode!r}")
+        if min(self.horizon, self.h_min, self.h_max) < 1 or self.h_min > self.h_max:
+            raise ValueError(f"horizons must be >= 1 with h_min <= h_max, got {self}")
+        if self.mode == "budget" and self.budget < self.horizon:
+            raise ValueError(f"budget {self.budget} must be >= horizon {self.horizon}")
+
+    def horizon_at(self, update: int) -> int:
+        """H for ``update`` (0-based)."""
+        if self.mode != "ramp":
+            return self.horizon
+        if update <= self.ramp_start:
+            return self.h_min
+        if update >= self.ramp_end:
+            return self.h_max
+        frac = (update - self.ramp_start) / (self.ramp_end - self.ramp_start)
+        return int(round(self.h_min + frac * (self.h_max - self.h_min)))
+
+    def starts_at(self, update: int, available: int, requested: int = 0) -> int:
+        """Number of dreams N for ``update`` out of ``available`` posterior states."""
+        if self.mode == "budget":
+            return max(1, min(available, self.budget // self.horizon_at(update)))
+        return available if requested <= 0 else min(requested, available)
+
+
+# ---------------------------------------------------------------- noise and the rollout
+
+
+def draw_noise(n: int, horizon: int, stoch: int, actor: Actor, device, generator=None) -> dict[str, torch.Tensor]:
+    """All random numbers of a rollout: ``stoch [H, N, S]`` uniform, ``action [H, N]`` uniform
+    (discrete) or ``[H, N, A]`` standard normal (continuous)."""
+    out = {"stoch": torch.rand(horizon, n, stoch, device=device, generator=generator)}
+    if actor.discrete:
+        out["action"] = torch.rand(horizon, n, device=device, generator=generator)
+    else:
+        out["action"] = torch.randn(horizon, n, actor.action_dim, device=device, generator=generator)
+    return out
+
+
+def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: torch.Tensor,
+             noise_stoch: torch.Tensor, noise_action: torch.Tensor, step: Callable | None = None):
+    """``H = len(noise_stoch)`` steps → ``feat [N, H+1, F]``, ``action [N, H, A]``."""
+    rssm = world_model.rssm
+    feats = [rssm.feat(deter, stoch)]
+    actions = []
+    for t in range(noise_stoch.shape[0]):
+        action = actor.sample_with_noise(feats[-1], noise_action[t])
+        if step is None:
+            deter, stoch, _ = rssm.img_step(deter, stoch, action, noise_stoch[t])
+        else:
+            deter, stoch, _ = step(rssm, deter, stoch, action, noise_stoch[t])
+        actions.append(action)
+        feats.append(rssm.feat(deter, stoch))
+    return torch.stack(feats, 1), torch.stack(actions, 1)
+
+
+_COMPILED: dict[tuple, Callable] = {}
+_GRAPHS: dict[tuple, tuple] = {}
+
+
+def _compiled(world_model: WorldModel, actor: Actor) -> Callable:
+    key = (id(world_model), id(actor))
+    if key not in _COMPILED:
+        def fn(deter, stoch, noise_stoch, noise_action):
+            return _rollout(world_model, actor, deter, stoch, noise_stoch, noise_action)
+
+        # fullgraph: a graph break would silently fall back to Python between steps.
+        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[key]
+
+
+def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch, noise_action):
+    key = (id(world_model), id(actor), tuple(deter.shape), tuple(noise_stoch.shape), deter.dtype,
+           torch.is_autocast_enabled("cuda"))
+    if key not in _GRAPHS:
+        static = [t.clone() for t in (deter, stoch, noise_stoch, noise_action)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the capture, as CUDA graphs require
+                _rollout(world_model, actor, *static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = _rollout(world_model, actor, *static)
+        _GRAPHS[key] = (graph, static, outs)
+    graph, static, outs = _GRAPHS[key]
+    for dst, src in zip(static, (deter, stoch, noise_stoch, noise_action), strict=True):
+        dst.copy_(src)
+    graph.replay()
+    return tuple(o.clone() for o in outs)
+
+
+def resolve_engine(engine: str, device: torch.device | str, grad: bool) -> str:
+    """The concrete engine for ``engine`` on ``device``; a clear error when it cannot run there."""
+    from fastdream.kernels import rssm_step as kernels
+
+    dev = torch.device(device)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown dream engine {engine!r}; choose from {ENGINES}")
+    if engine == "auto":
+        return "cudagraph" if dev.type == "cuda" and not grad else "compile"
+    if engine == "cudagraph" and (dev.type != "cuda" or grad):
+        raise ValueError("the cudagraph engine needs a CUDA device and no-grad (discrete-action) dreams")
+    if engine == "triton" and not kernels.available(dev):
+        raise ValueError("the triton engine needs CUDA (or TRITON_INTERPRET=1 on a CPU, for tests)")
+    return engine
+
 
 def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, torch.Tensor], horizon: int,
-            grad: bool = False) -> dict[str, torch.Tensor]:
-    """Rolls ``horizon`` steps from ``starts = (deter [N, D], stoch [N, S, K])`` under ``policy``.
+            engine: str = "eager", augment: Callable | None = None, grad: bool = False,
+            noise: dict[str, torch.Tensor] | None = None, generator: torch.Generator | None = None,
+            ) -> dict[str, torch.Tensor]:
+    """Dreams ``horizon`` steps from each of ``starts = (deter [N, D], stoch [N, S, K])`` under ``policy``.
 
-    Returns ``feat [N, H+1, F]``, ``action [N, H, A]`` (taken at s_0..s_{H-1}), ``reward [N, H]`` and
-    ``cont [N, H]`` predicted at s_1..s_H. With ``grad=False`` (discrete actions: REINFORCE needs no
-    gradient through the dynamics) the rollout runs without autograd.
+    Returns ``feat [N, H+1, F]``, ``action [N, H, A]`` (taken at s_0..s_{H-1}), ``reward [N, H]``
+    and ``cont [N, H]`` (predicted at s_1..s_H), and the policy's ``logprob [N, H]`` and
+    ``entropy [N, H]`` of those actions (with gradients for the actor). With ``grad=False``
+    (discrete actions: REINFORCE needs no gradient through the dynamics) the rollout itself runs
+    without autograd. ``noise`` (from ``draw_noise``) fixes every random draw. ``augment(feat)``
+    may transform the imagined features before the heads see them (off by default).
     """
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
-    rssm = world_model.rssm
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        deter, stoch = starts
-        feats = [rssm.feat(deter, stoch)]
-        actions = []
-        for _ in range(horizon):
-            action = policy.sample(feats[-1] if grad else feats[-1].detach())
-            deter, stoch, _ = rssm.img_step(deter, stoch, action)
-            actions.append(action)
-            feats.append(rssm.feat(deter, stoch))
-        feat = torch.stack(feats, 1)
-        nxt = feat[:, 1:]
-        return {"feat": feat, "action": torch.stack(actions, 1), "reward": world_model.reward(nxt),
-                "cont": world_model.cont(nxt)}
+    deter, stoch = starts
+    grad = grad and torch.is_grad_enabled()
+    engine = resolve_engine(engine, deter.device, grad)
+    if noise is None:
+        noise = draw_noise(deter.shape[0], horizon, stoch.shape[-2], policy, deter.device, generator)
+    ns, na = noise["stoch"][:horizon], noise["action"][:horizon]
+    with torch.set_grad_enabled(grad):
+        if engine == "eager":
+            feat, action = _rollout(world_model, policy, deter, stoch, ns, na)
+        elif engine == "compile":
+            feat, action = _compiled(world_model, policy)(deter, stoch, ns, na)
+        elif engine == "triton":
+            from fastdream.kernels.rssm_step import rssm_step
+
+            feat, action = _rollout(world_model, policy, deter, stoch, ns, na, step=rssm_step)
+        else:
+            feat, action = _cudagraph(world_model, policy, deter, stoch, ns, na)
+    if augment is not None:
+        feat = augment(feat)
+    nxt = feat[:, 1:]
+    logprob, entropy = policy.log_prob(feat[:, :-1] if grad else feat[:, :-1].detach(), action.detach())
+    return {"feat": feat, "action": action, "reward": world_model.reward(nxt), "cont": world_model.cont(nxt),
+            "logprob": logprob, "entropy": entropy}

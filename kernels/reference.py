@@ -1,0 +1,43 @@
+"""The imagination step's maths in plain fp32 torch: the oracle for kernels/rssm_step.py.
+
+Names match the kernels one to one: ``gru_gate``, ``unimix_sample``, ``rssm_step``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gru_gate_reference(x: torch.Tensor, deter: torch.Tensor, groups: int) -> torch.Tensor:
+    """Block-GRU gate maths (DreamerV3): ``x [N, 3D]`` laid out ``[N, G, 3, D/G]``, ``deter [N, D]``.
+
+    reset = σ(r), cand = tanh(reset · c), update = σ(u − 1); returns update · cand + (1 − update) · deter.
+    """
+    n, d = deter.shape
+    r, c, u = x.float().reshape(n, groups, 3, d // groups).unbind(2)
+    r, c, u = (t.reshape(n, d) for t in (r, c, u))
+    reset = torch.sigmoid(r)
+    cand = torch.tanh(reset * c)
+    update = torch.sigmoid(u - 1.0)
+    return update * cand + (1.0 - update) * deter.float()
+
+
+def unimix_sample_reference(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> tuple[torch.Tensor, ...]:
+    """Unimix + straight-through inverse-CDF sample of categoricals ``logits [N, S, K]``.
+
+    ``noise [N, S]`` uniform in [0, 1). Returns ``(mixed_logits [N, S, K], sample [N, S, K])`` where
+    mixed = log((1 − unimix) softmax(logits) + unimix / K) and sample = onehot + p − sg(p).
+    """
+    logits = logits.float()
+    probs = (1.0 - unimix) * logits.softmax(-1) + unimix / logits.shape[-1]
+    cdf = probs.detach().cumsum(-1)
+    index = (cdf < noise.float().unsqueeze(-1)).sum(-1).clamp(max=logits.shape[-1] - 1)
+    onehot = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
+    return probs.log(), onehot + probs - probs.detach()
+
+
+def rssm_step_reference(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
+                        noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One prior (imagination) step of ``fastdream.rssm.RSSM``: ``(deter, stoch, prior_logits)``."""
+    return rssm.img_step(deter, stoch, action, noise)

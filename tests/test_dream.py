@@ -1,0 +1,98 @@
+"""Dream engines agree with eager for the same noise; schedules give the right H and N."""
+
+import pytest
+import torch
+
+from fastdream.behavior import Actor
+from fastdream.dream import HorizonSchedule, draw_noise, imagine, resolve_engine
+from fastdream.kernels import rssm_step as kernels
+from fastdream.world_model import WorldModel
+
+
+def tiny(discrete: bool):
+    torch.manual_seed(0)
+    wm = WorldModel(vector_dim=4, image=False, action_dim=2, deter=32, hidden=16, stoch=4, classes=4, blocks=4,
+                    units=16)
+    actor = Actor(wm.rssm.feat_dim, 2, discrete, units=16, layers=1)
+    n = 6
+    deter = torch.randn(n, 32)
+    stoch = torch.nn.functional.one_hot(torch.randint(0, 4, (n, 4)), 4).float()
+    noise = draw_noise(n, 3, 4, actor, "cpu", torch.Generator().manual_seed(1))
+    return wm, actor, (deter, stoch), noise
+
+
+def engines_here():
+    out = ["compile"]
+    if kernels.available("cpu"):
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("engine", engines_here())
+@pytest.mark.parametrize("discrete", [True, False])
+def test_engine_matches_eager_forward_and_gradients(engine, discrete):
+    wm, actor, starts, noise = tiny(discrete)
+    grad = not discrete
+    ref = imagine(wm, actor, starts, 3, engine="eager", grad=grad, noise=noise)
+    out = imagine(wm, actor, starts, 3, engine=engine, grad=grad, noise=noise)
+    torch.testing.assert_close(out["action"], ref["action"], rtol=1e-4, atol=1e-4)
+    for k in ("feat", "reward", "cont", "logprob", "entropy"):
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4, msg=k)
+    # Gradients of a scalar of the dream w.r.t. the actor: through the dynamics for continuous
+    # actions, through the log-probabilities for discrete ones.
+    params = list(actor.parameters())
+    loss_ref = (ref["reward"] * ref["logprob"]).sum() + ref["feat"][:, -1].sum()
+    loss_out = (out["reward"] * out["logprob"]).sum() + out["feat"][:, -1].sum()
+    g_ref = torch.autograd.grad(loss_ref, params, allow_unused=True)
+    g_out = torch.autograd.grad(loss_out, params, allow_unused=True)
+    for a, b in zip(g_out, g_ref, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_compiled_rollout_has_no_graph_breaks():
+    import torch._dynamo as dynamo
+
+    from fastdream.dream import _rollout
+
+    wm, actor, (deter, stoch), noise = tiny(True)
+    explain = dynamo.explain(lambda d, s, a, b: _rollout(wm, actor, d, s, a, b))(deter, stoch, noise["stoch"],
+                                                                                 noise["action"])
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+
+
+def test_engine_resolution_and_errors():
+    assert resolve_engine("auto", "cpu", grad=False) == "compile"
+    assert resolve_engine("eager", "cpu", grad=True) == "eager"
+    with pytest.raises(ValueError, match="cudagraph engine needs a CUDA device"):
+        resolve_engine("cudagraph", "cpu", grad=False)
+    with pytest.raises(ValueError, match="unknown dream engine 'fast'"):
+        resolve_engine("fast", "cpu", grad=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cudagraph_matches_eager_on_gpu():
+    wm, actor, (deter, stoch), noise = tiny(True)
+    wm, actor = wm.cuda(), actor.cuda()
+    starts = (deter.cuda(), stoch.cuda())
+    noise = {k: v.cuda() for k, v in noise.items()}
+    ref = imagine(wm, actor, starts, 3, engine="eager", noise=noise)
+    for _ in range(2):  # capture, then replay
+        out = imagine(wm, actor, starts, 3, engine="cudagraph", noise=noise)
+        torch.testing.assert_close(out["feat"], ref["feat"], rtol=1e-4, atol=1e-4)
+
+
+def test_horizon_schedules():
+    fixed = HorizonSchedule("fixed", horizon=15)
+    assert [fixed.horizon_at(u) for u in (0, 10, 10**6)] == [15, 15, 15]
+    assert fixed.starts_at(0, available=1024) == 1024 and fixed.starts_at(0, 1024, requested=256) == 256
+    ramp = HorizonSchedule("ramp", h_min=1, h_max=15, ramp_start=0, ramp_end=20_000)
+    assert [ramp.horizon_at(u) for u in (0, 5_000, 10_000, 20_000, 30_000)] == [1, 4, 8, 15, 15]
+    budget = HorizonSchedule("budget", horizon=5, budget=15 * 1024)
+    assert budget.starts_at(0, available=16_384) * budget.horizon_at(0) == 15 * 1024
+    short = HorizonSchedule("budget", horizon=3, budget=15 * 1024)
+    assert short.starts_at(0, 16_384) == 5 * 1024  # shorter dreams, more of them: N*H kept
+    with pytest.raises(ValueError, match="mode must be fixed, ramp or budget"):
+        HorizonSchedule("cosine")
