@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fastdream.behavior import Behavior
-from fastdream.dream import imagine
+from fastdream.dream import HorizonSchedule, imagine
 from fastdream.world_model import WorldModel
 
 
@@ -41,13 +41,14 @@ class Agent(torch.nn.Module):
     def __init__(self, world_model: WorldModel, behavior: Behavior, num_envs: int, horizon: int = 15,
                  discrete: bool = True, wm_opt: OptimConfig | None = None, actor_opt: OptimConfig | None = None,
                  critic_opt: OptimConfig | None = None, seed: int = 0, precision: str = "fp32",
-                 dream_starts: int = 0, engine: str = "eager") -> None:
+                 dream_starts: int = 0, engine: str = "eager", schedule: HorizonSchedule | None = None) -> None:
         super().__init__()
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
         self.dream_starts = dream_starts  # 0: dream from every posterior state of the batch
         self.engine = engine
+        self.schedule = schedule or HorizonSchedule("fixed", horizon=horizon)
         self.wm, self.behavior = world_model, behavior
         self.horizon, self.discrete, self.num_envs = horizon, discrete, num_envs
         wm_opt = wm_opt or OptimConfig(1e-4, 1e-8, 1000.0)
@@ -123,7 +124,8 @@ class Agent(torch.nn.Module):
             p.grad = None
         return norm, ok
 
-    def train_step(self, batch: dict[str, torch.Tensor], train_behavior: bool = True) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor], train_behavior: bool = True, update: int = 0
+                   ) -> dict[str, float]:
         """One update: world model on ``batch`` ``[B, T]``, then actor and critic on dreams from
         every posterior state. Non-finite losses skip the update and report ``health/skipped = 1``.
         """
@@ -140,11 +142,15 @@ class Agent(torch.nn.Module):
             B, T = states["deter"].shape[:2]
             starts = (states["deter"].reshape(B * T, -1), states["stoch"].reshape(B * T, *states["stoch"].shape[2:]))
             start_cont = (~batch["is_terminal"]).float().reshape(B * T)
-            if 0 < self.dream_starts < B * T:
-                pick = torch.randperm(B * T, device=start_cont.device)[: self.dream_starts]
+            horizon = self.schedule.horizon_at(update)
+            n = self.schedule.starts_at(update, B * T, self.dream_starts)
+            if n < B * T:
+                pick = torch.randperm(B * T, device=start_cont.device)[:n]
                 starts, start_cont = (starts[0][pick], starts[1][pick]), start_cont[pick]
+            metrics["dream/horizon"] = torch.tensor(float(horizon))
+            metrics["dream/starts"] = torch.tensor(float(n))
             with self._autocast():
-                traj = imagine(self.wm, self.behavior.actor, starts, self.horizon, engine=self.engine,
+                traj = imagine(self.wm, self.behavior.actor, starts, horizon, engine=self.engine,
                                grad=not self.discrete)
                 traj["start_cont"] = start_cont
                 actor_loss, critic_loss, bm = self.behavior.losses(traj)

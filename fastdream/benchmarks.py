@@ -60,18 +60,18 @@ def run_case(case: Case, min_time: float = 1.0) -> list[dict[str, Any]]:
         for v in case.variants:
             secs[v.name] = min(secs[v.name], time_call(v.fn, min_time / 2))
     rate = {v.name: v.work / secs[v.name] for v in case.variants}
-    refs = dict(case.ratios)
     records = []
     for v in case.variants:
-        ref = refs.get(v.name)
-        records.append({
-            "name": f"{case.name}/{v.name}",
-            "params": case.params,
-            "value": rate[v.name],
-            "unit": case.unit,
-            "reference": f"{case.name}/{ref}" if ref else None,
-            "ratio": rate[v.name] / rate[ref] if ref else None,
-        })
+        refs = [r for name, r in case.ratios if name == v.name] or [None]
+        for ref in refs:  # one record per (variant, reference) pair
+            records.append({
+                "name": f"{case.name}/{v.name}",
+                "params": case.params,
+                "value": rate[v.name],
+                "unit": case.unit,
+                "reference": f"{case.name}/{ref}" if ref else None,
+                "ratio": rate[v.name] / rate[ref] if ref else None,
+            })
     if case.cleanup:
         case.cleanup()
     return records
@@ -204,3 +204,95 @@ def format_table(records: list[dict[str, Any]]) -> str:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
         lines.append(f"{r['name']:<38} {r['value']:>14,.1f} {r['unit']:<10} {ratio:>8}  {r['reference'] or ''}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- dreams and the train step
+def _size_dims(size: str) -> dict[str, int]:
+    from fastdream.config import SIZES
+
+    d = SIZES[size]
+    return {"deter": d["model.deter"], "hidden": d["model.hidden"], "units": d["model.units"],
+            "classes": d["model.classes"]}
+
+
+def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tuple[str, ...] = ("eager", "compile"),
+               precisions: tuple[str, ...] = ("fp32", "bf16")) -> Case:
+    """Imagined state-steps/s of a no-grad discrete-action rollout (the REINFORCE dream), per engine
+    and precision, next to plain-matmul GFLOP/s on the rollout's largest matmul shape."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastdream.behavior import Actor
+    from fastdream.dream import draw_noise, imagine
+    from fastdream.world_model import WorldModel
+
+    dims = _size_dims(size)
+    torch.manual_seed(0)
+    wm = WorldModel(8, False, 4, deter=dims["deter"], hidden=dims["hidden"], stoch=32, classes=dims["classes"],
+                    units=dims["units"])
+    actor = Actor(wm.rssm.feat_dim, 4, True, units=dims["units"], layers=2)
+    deter = torch.randn(n, dims["deter"])
+    stoch = torch.nn.functional.one_hot(torch.randint(0, dims["classes"], (n, 32)), dims["classes"]).float()
+    noise = draw_noise(n, horizon, 32, actor, "cpu")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        imagine(wm, actor, (deter, stoch), horizon, engine="eager", noise=noise)
+    flops = counter.get_total_flops()
+
+    def make(engine: str, precision: str):
+        def fn():
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+                imagine(wm, actor, (deter, stoch), horizon, engine=engine, noise=noise)
+        return fn
+
+    variants = [Variant(f"{e}_{p}", make(e, p), n * horizon) for e in engines for p in precisions]
+    # The physical limit: one matmul of the rollout's biggest shape, [N, F] @ [F, units].
+    a32 = torch.randn(n, wm.rssm.feat_dim)
+    b32 = torch.randn(wm.rssm.feat_dim, dims["units"])
+    mm_flops = 2 * n * wm.rssm.feat_dim * dims["units"]
+    steps_per_flop = n * horizon / flops  # converts a matmul FLOP rate into "steps/s at peak"
+    for p in precisions:
+        a, b = (a32.bfloat16(), b32.bfloat16()) if p == "bf16" else (a32, b32)
+        variants.append(Variant(f"matmul_peak_{p}", lambda a=a, b=b: a @ b, mm_flops * steps_per_flop))
+    ratios = [(f"{e}_{p}", "eager_fp32") for e in engines for p in precisions if (e, p) != ("eager", "fp32")]
+    ratios += [(f"{e}_{p}", f"matmul_peak_{p}") for e in engines for p in precisions]
+    return Case(name=f"dream_{size}_n{n}", params={"size": size, "n": n, "horizon": horizon,
+                                                   "gflop_per_rollout": flops / 1e9},
+                unit="steps/s", variants=variants, ratios=ratios)
+
+
+def train_case(size: str = "xs", batch_size: int = 16, seq_len: int = 64, horizon: int = 15,
+               precision: str = "fp32") -> Case:
+    """Full train step (world model + dreams from all B*T states + actor-critic) updates/s."""
+    import torch
+
+    from fastdream.agent import Agent
+    from fastdream.behavior import Behavior
+    from fastdream.world_model import WorldModel
+
+    dims = _size_dims(size)
+    torch.manual_seed(0)
+    wm = WorldModel(8, False, 4, deter=dims["deter"], hidden=dims["hidden"], stoch=32, classes=dims["classes"],
+                    units=dims["units"])
+    beh = Behavior(wm.rssm.feat_dim, 4, True, units=dims["units"], layers=2)
+    agent = Agent(wm, beh, num_envs=1, horizon=horizon, discrete=True, precision=precision)
+    B, T = batch_size, seq_len
+    batch = {"vector": torch.randn(B, T, 8),
+             "action": torch.nn.functional.one_hot(torch.randint(0, 4, (B, T)), 4).float(),
+             "reward": torch.randn(B, T), "is_first": torch.rand(B, T) < 0.02,
+             "is_last": torch.zeros(B, T, dtype=torch.bool), "is_terminal": torch.rand(B, T) < 0.01}
+
+    def step():
+        agent.train_step(batch)
+
+    def wm_only():
+        agent.train_step(batch, train_behavior=False)
+
+    return Case(name=f"train_step_{size}", params={"size": size, "batch_size": B, "seq_len": T, "horizon": horizon,
+                                                    "precision": precision},
+                unit="updates/s", variants=[Variant("full", step, 1), Variant("world_model_only", wm_only, 1)],
+                ratios=[("full", "world_model_only")])
+
+
+CASES["dream"] = [lambda: dream_case("tiny", 1024), lambda: dream_case("xs", 1024), lambda: dream_case("xs", 4096),
+                  lambda: dream_case("xs", 16384, precisions=("bf16",))]
+CASES["train"] = [lambda: train_case("xs")]

@@ -35,8 +35,9 @@ def exists(run_dir: Path) -> bool:
     return (Path(run_dir) / CHECKPOINT_DIR / "state.pt").is_file()
 
 
-def load(run_dir: Path) -> tuple[dict[str, Any], ReplayBuffer | None]:
-    """Reads ``run_dir/checkpoint``; a missing or damaged one is a ValueError."""
+def load(run_dir: Path, with_replay: bool = True) -> tuple[dict[str, Any], ReplayBuffer | None]:
+    """Reads ``run_dir/checkpoint`` (and its replay unless ``with_replay=False``); a missing or
+    damaged one is a ValueError."""
     ck = Path(run_dir) / CHECKPOINT_DIR
     if not (ck / "state.pt").is_file():
         raise ValueError(f"no checkpoint in {run_dir} (expected {ck / 'state.pt'})")
@@ -44,5 +45,5 @@ def load(run_dir: Path) -> tuple[dict[str, Any], ReplayBuffer | None]:
         state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many kinds on a truncated file
         raise ValueError(f"cannot read checkpoint {ck / 'state.pt'}: {exc}") from None
-    replay = ReplayBuffer.load(ck / "replay") if (ck / "replay").is_dir() else None
+    replay = ReplayBuffer.load(ck / "replay") if with_replay and (ck / "replay").is_dir() else None
     return state, replay

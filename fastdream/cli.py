@@ -68,7 +68,8 @@ def _load_config(args: argparse.Namespace):
         if args.env:
             direct["env.id"] = args.env
         for flag, key in (("envs", "env.num_envs"), ("obs", "env.obs"), ("steps", "train.steps"),
-                          ("train_ratio", "train.train_ratio"), ("seed", "train.seed"), ("device", "train.device")):
+                          ("train_ratio", "train.train_ratio"), ("seed", "train.seed"), ("device", "train.device"),
+                          ("engine", "train.engine"), ("precision", "train.precision")):
             if getattr(args, flag) is not None:
                 direct[key] = getattr(args, flag)
         cfg = apply(cfg, direct)
@@ -93,7 +94,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not checkpoint.exists(run_dir):
             raise CliError(f"--resume {run_dir}: no checkpoint there")
-        cfg = _load_config(args)
+        ignored = [f for f in ("env", "envs", "preset", "obs", "train_ratio", "seed", "device", "engine", "precision")
+                   if getattr(args, f) is not None] + (["set"] if args.set else [])
+        if ignored:
+            raise CliError(f"--resume continues the saved config; only --steps may change it (got {ignored})")
+        from fastdream.config import Config
+
+        cfg = Config.from_dict(checkpoint.load(run_dir, with_replay=False)[0]["config"])
+        if args.steps is not None:
+            cfg.train.steps = args.steps
     else:
         cfg = _load_config(args)
         run_dir = Path(args.logdir or f"runs/{cfg.env.id}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -102,7 +111,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"fastdream train: {cfg.env.id} ({cfg.env.obs}) x{cfg.env.num_envs} envs, "
           f"{cfg.train.steps:,} steps budget, target {cfg.env.target_return:g}, run dir {run_dir}")
     try:
-        res = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+        res = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
+                    steps=args.steps if args.resume else None)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     except UnhealthyRun as exc:
         print(f"fastdream: run stopped: {exc}", file=sys.stderr)
         return 3
@@ -125,7 +137,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     try:
-        state, _ = checkpoint.load(run_dir)
+        state, _ = checkpoint.load(run_dir, with_replay=False)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     cfg = Config.from_dict(state["config"])
@@ -175,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--logdir", default=None, help="run directory (default: runs/<env>-<time>)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    t.add_argument("--engine", default=None, choices=["auto", "eager", "compile", "triton", "cudagraph"],
+                   help="dream engine (default: eager)")
+    t.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="update precision (default: fp32)")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.horizon=10 (repeatable)")
@@ -200,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_collect)
 
     b = sub.add_parser("bench", help="run benchmark suites and print one table with ratios")
-    b.add_argument("suites", nargs="*", help="suites to run (default: all): replay, env")
+    b.add_argument("suites", nargs="*", help="suites to run (default: all): replay, env, dream, train")
     b.add_argument("--json", action="store_true", help="print records as JSON")
     b.add_argument("--min-time", type=float, default=1.0, help="seconds per variant (default: 1)")
     b.set_defaults(func=_cmd_bench)

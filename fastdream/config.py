@@ -40,6 +40,13 @@ class TrainConfig:
     warmup_updates: int = 100  # world-model-only updates before the actor and critic train
     horizon: int = 15  # imagination horizon H
     dream_starts: int = 0  # dreams per update, sampled from the B*T posterior states (0 = all of them)
+    horizon_mode: str = "fixed"  # fixed | ramp (h_min -> h_max) | budget (N*H = dream_budget)
+    h_min: int = 1  # ramp: horizon at ramp_start
+    h_max: int = 15  # ramp: horizon from ramp_end on
+    ramp_start: int = 0  # ramp: first update of the ramp
+    ramp_end: int = 20_000  # ramp: last update of the ramp
+    dream_budget: int = 15_360  # budget: imagined steps N*H per update
+    engine: str = "eager"  # dream engine: eager | compile | triton | cudagraph | auto
     gamma: float = 1 - 1 / 333  # discount
     lam: float = 0.95  # lambda of lambda-returns
     entropy: float = 3e-4  # actor entropy scale
@@ -186,6 +193,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.horizon >= 1, "train.horizon must be >= 1"),
         (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         (cfg.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
+        (cfg.train.engine in ("eager", "compile", "triton", "cudagraph", "auto"),
+         "train.engine must be eager, compile, triton, cudagraph or auto"),
+        (cfg.train.horizon_mode in ("fixed", "ramp", "budget"), "train.horizon_mode must be fixed, ramp or budget"),
         (cfg.model.deter % cfg.model.blocks == 0, "model.deter must be divisible by model.blocks"),
         (cfg.train.replay_capacity // cfg.env.num_envs >= cfg.train.seq_len,
          "train.replay_capacity // env.num_envs must be >= train.seq_len"),
@@ -195,3 +205,7 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    from fastdream.dream import HorizonSchedule
+
+    t = cfg.train
+    HorizonSchedule(t.horizon_mode, t.horizon, t.h_min, t.h_max, t.ramp_start, t.ramp_end, t.dream_budget)

@@ -17,6 +17,7 @@ from fastdream.agent import Agent, OptimConfig
 from fastdream.behavior import Behavior
 from fastdream.collector import Collector, RandomPolicy
 from fastdream.config import Config, validate
+from fastdream.dream import HorizonSchedule
 from fastdream.envs import VecEnv, make_env
 from fastdream.logger import Logger, Progress
 from fastdream.replay import ReplayBuffer
@@ -70,7 +71,9 @@ def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") ->
     agent = Agent(wm, beh, env.num_envs, horizon=t.horizon, discrete=env.discrete,
                   wm_opt=OptimConfig(t.wm_lr, 1e-8, t.wm_clip), actor_opt=OptimConfig(t.actor_lr, 1e-5, t.ac_clip),
                   critic_opt=OptimConfig(t.critic_lr, 1e-5, t.ac_clip), seed=t.seed, precision=t.precision,
-                  dream_starts=t.dream_starts)
+                  dream_starts=t.dream_starts, engine=t.engine,
+                  schedule=HorizonSchedule(t.horizon_mode, t.horizon, t.h_min, t.h_max, t.ramp_start, t.ramp_end,
+                                           t.dream_budget))
     return agent.to(device)
 
 
@@ -130,19 +133,23 @@ def _set_rng_state(state: dict[str, Any], policy: RandomPolicy) -> None:
     policy._cache, policy._pos = state["random_policy_cache"], state["random_policy_pos"]
 
 
-def train(cfg: Config, run_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True,
-          stop_at_env_steps: int | None = None, log_fn=None) -> TrainResult:
-    """Trains an agent as ``cfg`` says; returns a TrainResult. ``resume`` continues ``run_dir``.
+def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True,
+          stop_at_env_steps: int | None = None, steps: int | None = None, log_fn=None) -> TrainResult:
+    """Trains an agent as ``cfg`` says; returns a TrainResult.
 
-    ``stop_at_env_steps`` checkpoints and returns once that many env steps are done (as Ctrl-C would).
+    ``resume`` continues ``run_dir`` with its saved config (``cfg`` may be None); ``steps`` then
+    overrides the saved env-step budget. ``stop_at_env_steps`` checkpoints and returns once that many
+    env steps are done, as Ctrl-C would.
     """
     run_dir = Path(run_dir)
     state = None
     if resume:
         state, saved_replay = checkpoint.load(run_dir)
-        steps_budget = cfg.train.steps
         cfg = Config.from_dict(state["config"])
-        cfg.train.steps = max(steps_budget, cfg.train.steps) if steps_budget != cfg.train.steps else steps_budget
+    if cfg is None:
+        raise ValueError("train() needs a config unless it resumes a run")
+    if steps is not None:
+        cfg.train.steps = steps
     validate(cfg)
     t = cfg.train
     if t.threads:
@@ -192,6 +199,7 @@ def train(cfg: Config, run_dir: str | Path = "runs/latest", resume: bool = False
     out = replay.alloc_batch(t.batch_size, t.seq_len)
     t0 = time.perf_counter()
     wall0 = counters["wall_time"]
+    updates0 = counters["updates"]
     window = {"env_steps": counters["env_steps"], "updates": counters["updates"], "time": t0}
     returns: list[float] = []
     metrics_acc: dict[str, list[float]] = {}
@@ -230,7 +238,11 @@ def train(cfg: Config, run_dir: str | Path = "runs/latest", resume: bool = False
                     counters["owed"] -= 1.0
                     replay.sample(t.batch_size, t.seq_len, t.recency, out=out)
                     batch = {k: torch.as_tensor(v).to(device) for k, v in out.items()}
-                    m = agent.train_step(batch, train_behavior=counters["updates"] >= t.warmup_updates)
+                    if counters["updates"] == t.warmup_updates and t.engine in ("compile", "auto"):
+                        bar.update(counters["env_steps"], "compiling the dream rollout (first call, up to a minute; "
+                                   "cached on disk by torch.compile for later runs)")
+                    m = agent.train_step(batch, train_behavior=counters["updates"] >= t.warmup_updates,
+                                         update=counters["updates"])
                     counters["updates"] += 1
                     if m["health/skipped"]:
                         counters["skipped"] += 1
@@ -278,7 +290,7 @@ def train(cfg: Config, run_dir: str | Path = "runs/latest", resume: bool = False
                     stopped = "solved"
                     break
             el = time.perf_counter() - t0
-            ups = counters["updates"] / max(el, 1e-9) if state is None else 0.0
+            ups = (counters["updates"] - updates0) / max(el, 1e-9)
             ret_txt = f"{np.mean(returns[-100:]):.1f}" if returns else "-"
             ev_txt = f"{last_eval:.1f}" if last_eval is not None else "-"
             bar.update(counters["env_steps"], f"return {ret_txt}  eval {ev_txt}  updates {counters['updates']}"

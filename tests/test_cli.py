@@ -70,3 +70,12 @@ def test_short_run_writes_metrics_tensorboard_checkpoint_and_evaluates(tmp_path)
     assert r.returncode == 0, r.stderr
     assert "mean return" in r.stdout
     assert gif.read_bytes()[:6] == b"GIF89a"
+
+
+def test_resume_refuses_config_changes(tmp_path):
+    logdir = tmp_path / "run"
+    sets = [x for s in SMALL_SETS for x in ("--set", s)]
+    r = run("train", "--envs", "4", "--steps", "100", "--logdir", str(logdir), "--quiet", *sets)
+    assert r.returncode == 0, r.stderr
+    r = run("train", "--resume", str(logdir), "--envs", "8")
+    assert r.returncode == 2 and "only --steps may change it" in r.stderr
