@@ -15,9 +15,12 @@ ReplayCore::ReplayCore(int64_t capacity, int64_t num_envs, std::vector<FieldSpec
   if (num_envs <= 0) throw std::invalid_argument("num_envs must be >= 1");
   if (capacity < num_envs) throw std::invalid_argument("capacity must be >= num_envs");
   env_capacity_ = capacity / num_envs;
-  storage_.resize(fields_.size());
-  for (size_t f = 0; f < fields_.size(); ++f) {
-    storage_[f].assign(static_cast<size_t>(num_envs_ * env_capacity_ * fields_[f].row_bytes), 0);
+  for (const auto& field : fields_) {
+    const int64_t bytes = num_envs_ * env_capacity_ * field.row_bytes;
+    auto* p = static_cast<uint8_t*>(std::calloc(static_cast<size_t>(bytes), 1));
+    if (p == nullptr) throw std::bad_alloc();
+    storage_.emplace_back(p);
+    storage_bytes_.push_back(bytes);
   }
 }
 
@@ -47,7 +50,7 @@ void ReplayCore::add(const int64_t* env_ids, int64_t n, const std::vector<const 
     const int64_t slot = counts_[e] % env_capacity_;
     for (size_t f = 0; f < fields_.size(); ++f) {
       const int64_t rb = fields_[f].row_bytes;
-      std::memcpy(storage_[f].data() + (e * env_capacity_ + slot) * rb, src[f] + i * rb,
+      std::memcpy(storage_[f].get() + (e * env_capacity_ + slot) * rb, src[f] + i * rb,
                   static_cast<size_t>(rb));
     }
     counts_[e] += 1;
@@ -102,7 +105,7 @@ void ReplayCore::sample(int64_t batch, int64_t seq_len, double recency,
       const int64_t first = std::min(seq_len, env_capacity_ - slot);  // rows before the physical wrap
       for (size_t f = 0; f < fields_.size(); ++f) {
         const int64_t rb = fields_[f].row_bytes;
-        const uint8_t* ring = storage_[f].data() + e * env_capacity_ * rb;
+        const uint8_t* ring = storage_[f].get() + e * env_capacity_ * rb;
         uint8_t* out = dst[f] + b * seq_len * rb;
         std::memcpy(out, ring + slot * rb, static_cast<size_t>(first * rb));
         if (first < seq_len) std::memcpy(out + first * rb, ring, static_cast<size_t>((seq_len - first) * rb));

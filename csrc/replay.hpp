@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <shared_mutex>
@@ -25,8 +27,8 @@ class ReplayCore {
   int64_t num_envs() const { return num_envs_; }
   int64_t env_capacity() const { return env_capacity_; }
   const std::vector<FieldSpec>& fields() const { return fields_; }
-  uint8_t* field_data(size_t f) { return storage_[f].data(); }
-  int64_t field_nbytes(size_t f) const { return static_cast<int64_t>(storage_[f].size()); }
+  uint8_t* field_data(size_t f) { return storage_[f].get(); }
+  int64_t field_nbytes(size_t f) const { return storage_bytes_[f]; }
 
   // Rows written per env since creation (monotonic); stored rows = min(count, env_capacity).
   std::vector<int64_t> counts() const;
@@ -56,7 +58,13 @@ class ReplayCore {
   int64_t num_envs_;
   int64_t env_capacity_;
   std::vector<FieldSpec> fields_;
-  std::vector<std::vector<uint8_t>> storage_;  // per field: [num_envs, env_capacity, row_bytes]
+  // Per field: [num_envs, env_capacity, row_bytes], from calloc: large blocks come as lazily
+  // zeroed pages, so a 12 GB pixel buffer costs memory only as it fills.
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::vector<std::unique_ptr<uint8_t, Free>> storage_;
+  std::vector<int64_t> storage_bytes_;
   std::vector<int64_t> counts_;
   std::mt19937_64 rng_;
   mutable std::mutex rng_mutex_;  // sample() holds only a shared data lock

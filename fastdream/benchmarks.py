@@ -62,7 +62,7 @@ def run_case(case: Case, min_time: float = 1.0) -> list[dict[str, Any]]:
     rate = {v.name: v.work / secs[v.name] for v in case.variants}
     records = []
     for v in case.variants:
-        refs = [r for name, r in case.ratios if name == v.name] or [None]
+        refs = [r for name, r in case.ratios if name == v.name and r in rate] or [None]
         for ref in refs:  # one record per (variant, reference) pair
             records.append({
                 "name": f"{case.name}/{v.name}",
@@ -253,7 +253,8 @@ def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tupl
     for p in precisions:
         a, b = (a32.bfloat16(), b32.bfloat16()) if p == "bf16" else (a32, b32)
         variants.append(Variant(f"matmul_peak_{p}", lambda a=a, b=b: a @ b, mm_flops * steps_per_flop))
-    ratios = [(f"{e}_{p}", "eager_fp32") for e in engines for p in precisions if (e, p) != ("eager", "fp32")]
+    base = f"eager_{precisions[0]}"
+    ratios = [(f"{e}_{p}", base) for e in engines for p in precisions if f"{e}_{p}" != base]
     ratios += [(f"{e}_{p}", f"matmul_peak_{p}") for e in engines for p in precisions]
     return Case(name=f"dream_{size}_n{n}", params={"size": size, "n": n, "horizon": horizon,
                                                    "gflop_per_rollout": flops / 1e9},

@@ -166,8 +166,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     records = []
     for suite in args.suites or list(CASES):
         for make in CASES[suite]:
-            records += run_case(make(), min_time=args.min_time)
-    print(json.dumps(records, indent=1) if args.json else format_table(records))
+            case_records = run_case(make(), min_time=args.min_time)
+            records += case_records
+            if not args.json:  # stream each case's table: a long run shows results as they come
+                print(format_table(case_records), flush=True)
+    if args.json:
+        print(json.dumps(records, indent=1))
     return 0
 
 
