@@ -80,7 +80,8 @@ def run_case(case: Case, min_time: float = 1.0) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- replay
 def replay_case(kind: str, batch_size: int = 16, seq_len: int = 64, num_envs: int = 16,
                 rows_per_env: int = 2000) -> Case:
-    """Sample ``[B, T]`` pixel or vector rows: ReplayBuffer vs numpy gather vs a plain memcpy."""
+    """Sample ``[B, T]`` pixel or vector rows: ReplayBuffer vs the tests' list-of-rows numpy reference,
+    a vectorised numpy gather (fancy indexing into the same storage), and a plain memcpy of the bytes."""
     from fastdream.replay import ReplayBuffer
 
     spec: dict[str, tuple[tuple[int, ...], str]] = {
@@ -119,6 +120,17 @@ def replay_case(kind: str, batch_size: int = 16, seq_len: int = 64, num_envs: in
         for n, st in storages.items():
             out[n][...] = st[env[:, None], idx]
 
+    from fastdream.replay_reference import NumpyReplay
+
+    ref = NumpyReplay(num_envs * rows_per_env, num_envs, spec)
+    for e in range(num_envs):  # the same rows, held as the tests' oracle holds them
+        ref.streams[e] = {n: list(storages[n][e]) for n in spec}
+
+    def reference():
+        env = rng.integers(0, num_envs, batch_size)
+        start = rng.integers(0, cap - seq_len, batch_size)
+        ref.gather(env, start, seq_len)
+
     src = {n: np.ascontiguousarray(st[0, : batch_size * seq_len]) for n, st in storages.items()}
     flat = {n: a.reshape(src[n].shape) for n, a in out.items()}
 
@@ -131,8 +143,9 @@ def replay_case(kind: str, batch_size: int = 16, seq_len: int = 64, num_envs: in
         params={"batch_size": batch_size, "seq_len": seq_len, "row_bytes": nbytes // (batch_size * seq_len)},
         unit="MB/s",
         variants=[Variant("fastdream", fast, nbytes / 1e6), Variant("numpy", numpy_gather, nbytes / 1e6),
-                  Variant("memcpy", memcpy, nbytes / 1e6)],
-        ratios=[("fastdream", "numpy"), ("memcpy", "numpy")],
+                  Variant("numpy_reference", reference, nbytes / 1e6), Variant("memcpy", memcpy, nbytes / 1e6)],
+        ratios=[("fastdream", "numpy_reference"), ("fastdream", "numpy"), ("fastdream", "memcpy"),
+                ("memcpy", "numpy")],
     )
 
 

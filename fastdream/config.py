@@ -98,27 +98,23 @@ SIZES: dict[str, dict[str, Any]] = {
           "model.classes": 32, "model.cnn_mult": 32},
 }
 
+# Learning rates above DreamerV3's defaults: the tiny model on these short tasks learns faster with them.
+_FAST_LR = {"train.wm_lr": 3e-4, "train.actor_lr": 1e-4, "train.critic_lr": 1e-4}
+# Pixel variants: 16 envs (rendering dominates env cost), a smaller replay (1 row = 12 kB), ratio 64.
+_PIXELS = {"env.obs": "pixels", "env.num_envs": 16, "train.replay_capacity": 200_000, "train.train_ratio": 64.0}
+
 TASKS: dict[str, dict[str, Any]] = {
     # Solved CartPole-v1 (493.9 over 10 eval episodes) in 25k env steps, 634 updates, 5.6 min here.
     "cartpole": {"env.id": "CartPole-v1", "env.target_return": 475.0, "train.steps": 300_000,
-                 "train.train_ratio": 32.0, "train.prefill": 5_000, "train.wm_lr": 3e-4,
-                 "train.actor_lr": 1e-4, "train.critic_lr": 1e-4, "train.eval_every": 5_000,
-                 "train.dream_starts": 256},
-    "cartpole-pixels": {"env.id": "CartPole-v1", "env.obs": "pixels", "env.num_envs": 16,
-                        "env.target_return": 400.0, "train.steps": 400_000, "train.train_ratio": 64.0,
-                        "train.dream_starts": 256,
-                        "train.prefill": 5_000, "train.wm_lr": 3e-4, "train.actor_lr": 1e-4,
-                        "train.critic_lr": 1e-4, "train.eval_every": 10_000},
+                 "train.train_ratio": 32.0, "train.prefill": 5_000, "train.eval_every": 5_000,
+                 "train.dream_starts": 256, **_FAST_LR},
     "lunarlander": {"env.id": "LunarLander-v3", "env.target_return": 200.0, "train.steps": 1_000_000,
-                    "train.train_ratio": 32.0, "train.prefill": 10_000, "train.wm_lr": 3e-4,
-                    "train.actor_lr": 1e-4, "train.critic_lr": 1e-4, "train.eval_every": 20_000,
-                    "train.dream_starts": 512},
-    "lunarlander-pixels": {"env.id": "LunarLander-v3", "env.obs": "pixels", "env.num_envs": 16,
-                           "env.target_return": 200.0, "train.steps": 1_000_000, "train.train_ratio": 64.0,
-                           "train.dream_starts": 512,
-                           "train.prefill": 10_000, "train.wm_lr": 3e-4, "train.actor_lr": 1e-4,
-                           "train.critic_lr": 1e-4, "train.eval_every": 20_000},
+                    "train.train_ratio": 32.0, "train.prefill": 10_000, "train.eval_every": 20_000,
+                    "train.dream_starts": 512, **_FAST_LR},
 }
+TASKS["cartpole-pixels"] = {**TASKS["cartpole"], **_PIXELS, "env.target_return": 400.0, "train.steps": 400_000,
+                            "train.eval_every": 10_000}
+TASKS["lunarlander-pixels"] = {**TASKS["lunarlander"], **_PIXELS}
 PRESETS: dict[str, dict[str, Any]] = {**TASKS, **SIZES}
 
 

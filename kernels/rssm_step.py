@@ -37,21 +37,24 @@ def available(device: torch.device | str) -> bool:
 if HAVE_TRITON:
 
     @triton.jit
-    def _gru_gate_fwd(x_ptr, deter_ptr, out_ptr, total, D, DG, BLOCK: tl.constexpr):
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < total
+    def _gru_gate_load(x_ptr, deter_ptr, idx, mask, D, DG):
+        """Element idx = n·D + k of deter and its three gate inputs in x laid out [N, G, 3, D/G]."""
         n = idx // D
         k = idx % D
-        g = k // DG
-        j = k % DG
-        base = n * 3 * D + g * 3 * DG + j
+        base = n * 3 * D + (k // DG) * 3 * DG + k % DG
         r = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
         c = tl.load(x_ptr + base + DG, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + base + 2 * DG, mask=mask, other=0.0).to(tl.float32)
         d = tl.load(deter_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        return base, r, c, u, d
+
+    @triton.jit
+    def _gru_gate_fwd(x_ptr, deter_ptr, out_ptr, total, D, DG, BLOCK: tl.constexpr):
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < total
+        base, r, c, u, d = _gru_gate_load(x_ptr, deter_ptr, idx, mask, D, DG)
         reset = tl.sigmoid(r)
-        a = reset * c
-        cand = 2.0 * tl.sigmoid(2.0 * a) - 1.0  # tanh
+        cand = 2.0 * tl.sigmoid(2.0 * reset * c) - 1.0  # tanh
         update = tl.sigmoid(u - 1.0)
         tl.store(out_ptr + idx, update * cand + (1.0 - update) * d, mask=mask)
 
@@ -59,15 +62,7 @@ if HAVE_TRITON:
     def _gru_gate_bwd(x_ptr, deter_ptr, gout_ptr, gx_ptr, gdeter_ptr, total, D, DG, BLOCK: tl.constexpr):
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < total
-        n = idx // D
-        k = idx % D
-        g = k // DG
-        j = k % DG
-        base = n * 3 * D + g * 3 * DG + j
-        r = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
-        c = tl.load(x_ptr + base + DG, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + base + 2 * DG, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(deter_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        base, r, c, u, d = _gru_gate_load(x_ptr, deter_ptr, idx, mask, D, DG)
         go = tl.load(gout_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         reset = tl.sigmoid(r)
         cand = 2.0 * tl.sigmoid(2.0 * reset * c) - 1.0

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from replay_reference import NumpyReplay
 
 from fastdream import ReplayBuffer
+from fastdream.replay_reference import NumpyReplay
 
 SPEC = {
     "image": ((4, 4, 3), "uint8"),

@@ -1,4 +1,4 @@
-"""A deliberately plain numpy replay used as the oracle for fastdream.ReplayBuffer."""
+"""A deliberately plain numpy replay (lists of rows): the oracle for fastdream.ReplayBuffer in tests and bench."""
 
 from __future__ import annotations
 
