@@ -21,8 +21,11 @@ def test_dream_rollout(benchmark, size, n):
 
 
 def test_train_step(benchmark):
-    case = train_case("tiny", batch_size=2, seq_len=8, horizon=3) if benchmark.disabled else train_case("xs")
+    if benchmark.disabled:
+        case = train_case("tiny", batch_size=2, seq_len=8, horizon=3, setups=(("eager", "fp32"),))
+    else:
+        case = train_case("xs")
     if not benchmark.disabled:
         records = run_case(case)
         benchmark.extra_info.update({r["name"]: {"value": r["value"], "ratio": r["ratio"]} for r in records})
-    benchmark(case.variant("full").fn)
+    benchmark(case.variants[0].fn)

@@ -275,8 +275,9 @@ def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tupl
 
 
 def train_case(size: str = "xs", batch_size: int = 16, seq_len: int = 64, horizon: int = 15,
-               precision: str = "fp32") -> Case:
-    """Full train step (world model + dreams from all B*T states + actor-critic) updates/s."""
+               setups: tuple[tuple[str, str], ...] = (("eager", "fp32"), ("compile", "bf16"))) -> Case:
+    """Full train step (world model + dreams from all B*T states + actor-critic) updates/s, per
+    (engine, precision) setup, next to the world-model-only update."""
     import torch
 
     from fastdream.agent import Agent
@@ -284,27 +285,29 @@ def train_case(size: str = "xs", batch_size: int = 16, seq_len: int = 64, horizo
     from fastdream.world_model import WorldModel
 
     dims = _size_dims(size)
-    torch.manual_seed(0)
-    wm = WorldModel(8, False, 4, deter=dims["deter"], hidden=dims["hidden"], stoch=32, classes=dims["classes"],
-                    units=dims["units"])
-    beh = Behavior(wm.rssm.feat_dim, 4, True, units=dims["units"], layers=2)
-    agent = Agent(wm, beh, num_envs=1, horizon=horizon, discrete=True, precision=precision)
     B, T = batch_size, seq_len
     batch = {"vector": torch.randn(B, T, 8),
              "action": torch.nn.functional.one_hot(torch.randint(0, 4, (B, T)), 4).float(),
              "reward": torch.randn(B, T), "is_first": torch.rand(B, T) < 0.02,
              "is_last": torch.zeros(B, T, dtype=torch.bool), "is_terminal": torch.rand(B, T) < 0.01}
 
-    def step():
-        agent.train_step(batch)
+    def make_agent(engine: str, precision: str) -> Agent:
+        torch.manual_seed(0)
+        wm = WorldModel(8, False, 4, deter=dims["deter"], hidden=dims["hidden"], stoch=32,
+                        classes=dims["classes"], units=dims["units"])
+        beh = Behavior(wm.rssm.feat_dim, 4, True, units=dims["units"], layers=2)
+        return Agent(wm, beh, num_envs=1, horizon=horizon, discrete=True, precision=precision, engine=engine)
 
-    def wm_only():
-        agent.train_step(batch, train_behavior=False)
-
-    return Case(name=f"train_step_{size}", params={"size": size, "batch_size": B, "seq_len": T, "horizon": horizon,
-                                                    "precision": precision},
-                unit="updates/s", variants=[Variant("full", step, 1), Variant("world_model_only", wm_only, 1)],
-                ratios=[("full", "world_model_only")])
+    variants = []
+    for engine, precision in setups:
+        agent = make_agent(engine, precision)
+        variants.append(Variant(f"full_{engine}_{precision}", lambda a=agent: a.train_step(batch), 1))
+    wm_agent = make_agent("eager", "fp32")
+    variants.append(Variant("world_model_only", lambda: wm_agent.train_step(batch, train_behavior=False), 1))
+    first = variants[0].name
+    return Case(name=f"train_step_{size}", params={"size": size, "batch_size": B, "seq_len": T, "horizon": horizon},
+                unit="updates/s", variants=variants,
+                ratios=[(v.name, first) for v in variants[1:-1]] + [(first, "world_model_only")])
 
 
 CASES["dream"] = [lambda: dream_case("tiny", 1024), lambda: dream_case("xs", 1024), lambda: dream_case("xs", 4096),
