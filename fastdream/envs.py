@@ -158,7 +158,7 @@ class VecEnv:
     def _to_simulator(self, actions: Any) -> np.ndarray:
         a = np.asarray(actions)
         if self.discrete:
-            return a.astype(np.int32)
+            return a.astype(np.int32, copy=False)
         a = np.clip(a.astype(np.float64), -1.0, 1.0)
         return (self._act_low + (a + 1.0) * 0.5 * (self._act_high - self._act_low)).astype(np.float32)
 
@@ -188,25 +188,32 @@ class VecEnv:
         if not self._started:
             raise RuntimeError("call reset() before step()")
         n = self.batch_size if self.is_async else self.num_envs
+        a = np.asarray(actions)
         if env_ids is None:
             if self.is_async:
                 raise ValueError("async mode: step(actions, env_ids) needs the env_ids of the last rows")
-            env_ids = np.arange(self.num_envs)
-        env_ids = np.asarray(env_ids, dtype=np.int32)
-        if len(env_ids) != n or len(np.asarray(actions)) != n:
-            raise ValueError(f"expected {n} actions and env ids, got {len(np.asarray(actions))} and {len(env_ids)}")
-        self._last_action[env_ids] = self.encode_action(actions)  # validates before stepping
-        a = self._to_simulator(actions)
+            sel: Any = slice(None)
+        else:
+            env_ids = np.asarray(env_ids, dtype=np.int32)
+            if len(env_ids) != n:
+                raise ValueError(f"expected {n} env ids, got {len(env_ids)}")
+            # Sync envs are normally stepped whole and in order: then a slice beats fancy indexing.
+            in_order = not self.is_async and (env_ids == self._all_ids).all()
+            sel = slice(None) if in_order else env_ids
+        if len(a) != n:
+            raise ValueError(f"expected {n} actions, got {len(a)}")
+        self._last_action[sel] = self.encode_action(a)  # validates before stepping
+        sim = self._to_simulator(a)
         if self.backend == "envpool":
             if self.is_async:
-                self._env.send(a, env_ids)
+                self._env.send(sim, env_ids)
                 obs, reward, term, trunc, info = self._env.recv()
             else:
-                obs, reward, term, trunc, info = self._env.step(a, env_ids)
+                obs, reward, term, trunc, info = self._env.step(sim, None if isinstance(sel, slice) else env_ids)
             ids = info["env_id"]
         else:
-            obs, reward, term, trunc, info = self._env.step(a)
-            ids = np.arange(self.num_envs)
+            obs, reward, term, trunc, info = self._env.step(sim)
+            ids = self._all_ids
         return self._rows(obs, reward, term, trunc, ids)
 
     def _rows(self, obs, reward, term, trunc, ids) -> dict[str, np.ndarray]:

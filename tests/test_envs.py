@@ -171,3 +171,15 @@ def test_collector_writes_rows_with_the_action_that_led_to_them(batch_size):
         dv = v[1:, 1] - v[:-1, 1]
         right = action[1:, 1] == 1
         assert (dv[cont & right] > 0).all() and (dv[cont & ~right] < 0).all()
+
+
+def test_sync_step_with_permuted_env_ids_applies_each_action_to_its_env():
+    env = make_env("CartPole-v1", 4, seed=0)
+    env.reset()
+    ids = np.array([3, 1, 0, 2])
+    actions = np.array([1, 0, 0, 1])  # env 3 and env 2 pushed right, envs 1 and 0 left
+    rows = env.step(actions, ids)
+    by_env = dict(zip(rows["env_ids"].tolist(), rows["action"].argmax(-1).tolist(), strict=True))
+    assert by_env == {3: 1, 1: 0, 0: 0, 2: 1}
+    v = dict(zip(rows["env_ids"].tolist(), rows["vector"][:, 1].tolist(), strict=True))
+    assert v[3] > 0 and v[2] > 0 and v[1] < 0 and v[0] < 0  # cart velocity follows the push
