@@ -136,9 +136,6 @@ PYBIND11_MODULE(_replay, m) {
               check_array(a, fields[f], {batch, seq_len}, true, "sample output");
               dst.push_back(static_cast<uint8_t*>(a.mutable_data()));
             }
-            if (self.num_windows(seq_len) == 0)
-              throw py::value_error("no env stream holds a complete window of " + std::to_string(seq_len) +
-                                    " rows yet");
             int64_t* envs = env_out.mutable_data();
             int64_t* starts = start_out.mutable_data();
             py::gil_scoped_release release;

@@ -75,7 +75,7 @@ void ReplayCore::sample(int64_t batch, int64_t seq_len, double recency,
     cum[e + 1] = cum[e] + w;
   }
   const int64_t total = cum[num_envs_];
-  if (total <= 0) throw std::runtime_error("no complete window to sample");
+  if (total <= 0) throw std::invalid_argument("no env stream holds a complete window to sample");
   {
     std::lock_guard<std::mutex> rng_lock(rng_mutex_);
     std::uniform_real_distribution<double> unit(0.0, 1.0);

@@ -68,7 +68,7 @@ class Agent(torch.nn.Module):
     # ---------------------------------------------------------------- acting
     def obs_to_torch(self, rows: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         out = {}
-        for k in ("vector", "image", "action", "is_first", "reward", "is_terminal", "is_last"):
+        for k in ("vector", "image", "action", "is_first"):  # what acting reads
             if k in rows:
                 out[k] = torch.as_tensor(rows[k], device=device)
         return out
@@ -105,10 +105,6 @@ class Agent(torch.nn.Module):
             base = dist.base_dist
             a = base.loc + base.scale * torch.randn(base.loc.shape, generator=self.generator)
         return a.clamp(-1, 1).cpu().numpy()
-
-    def reset_carry(self) -> None:
-        self.carry_deter.zero_()
-        self.carry_stoch.zero_()
 
     # ---------------------------------------------------------------- learning
     def _step(self, name: str, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> tuple[torch.Tensor, bool]:

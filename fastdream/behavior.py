@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastdream.nets import MLP, symlog, twohot_bins, twohot_decode, twohot_encode, twohot_loss, unimix_logits
+from fastdream.nets import MLP, inverse_cdf_onehot, twohot_bins, twohot_decode, twohot_loss, unimix_logits, unimix_probs
 
 # ---------------------------------------------------------------- pure maths
 
@@ -67,23 +66,13 @@ class Actor(nn.Module):
         normal = torch.distributions.Normal(torch.tanh(mean), std, validate_args=False)
         return torch.distributions.Independent(normal, 1, validate_args=False)
 
-    def sample(self, feat: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        """Stored-form action ``[..., A]``: one-hot (discrete) or reparameterised sample (continuous)."""
-        d = self.dist(feat)
-        if self.discrete:
-            idx = d.probs.argmax(-1) if deterministic else d.sample()
-            return F.one_hot(idx, self.action_dim).float()
-        return d.mean if deterministic else d.rsample()
-
     def sample_with_noise(self, feat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Stored-form action from fixed noise, with plain ops (no torch.distributions) so that a
         compiled rollout has no graph break: inverse-CDF one-hot for ``noise [N]`` uniform (discrete),
         ``tanh(mean) + std · noise`` for ``noise [N, A]`` standard normal (continuous)."""
         x = self.net(feat)
         if self.discrete:
-            probs = (1.0 - self.unimix) * x.float().softmax(-1) + self.unimix / self.action_dim
-            index = (probs.cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp(max=self.action_dim - 1)
-            return F.one_hot(index, self.action_dim).to(feat.dtype)
+            return inverse_cdf_onehot(unimix_probs(x.float(), self.unimix), noise).to(feat.dtype)
         mean, std = x.chunk(2, -1)
         std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
         return torch.tanh(mean) + std * noise
@@ -111,8 +100,6 @@ class Critic(nn.Module):
     def value(self, feat: torch.Tensor) -> torch.Tensor:
         return twohot_decode(self.net(feat), self.bins)
 
-    def loss(self, feat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return twohot_loss(self.net(feat), target, self.bins)
 
 
 class Behavior(nn.Module):
@@ -165,10 +152,9 @@ class Behavior(nn.Module):
         actor_loss = -(weight * (actor_obj + self.entropy_scale * ent)).mean()
         with torch.no_grad():
             slow = self.slow_critic.value(feat[:, :H].detach())
-        logp_bins = (critic_logits[:, :H] if self.discrete else self.critic(feat[:, :H].detach())).log_softmax(-1)
-        bins = self.critic.bins
-        critic_nll = -(twohot_encode(symlog(ret.detach()), bins) * logp_bins).sum(-1)
-        slow_nll = -(twohot_encode(symlog(slow), bins) * logp_bins).sum(-1)
+        logits = critic_logits[:, :H] if self.discrete else self.critic(feat[:, :H].detach())
+        critic_nll = twohot_loss(logits, ret.detach(), self.critic.bins)
+        slow_nll = twohot_loss(logits, slow, self.critic.bins)
         critic_loss = (weight * (critic_nll + self.slow_reg * slow_nll)).mean()
         metrics = {
             "behavior/actor_loss": actor_loss.detach(),

@@ -96,14 +96,17 @@ def replay_case(kind: str, batch_size: int = 16, seq_len: int = 64, num_envs: in
         raise ValueError(f"replay case kind must be 'pixels' or 'vector', got {kind!r}")
     rb = ReplayBuffer(num_envs * rows_per_env, num_envs, spec, seed=0)
     rng = np.random.default_rng(0)
-    chunk = 100
-    for _ in range(rows_per_env // chunk + 1):
-        ids = np.repeat(np.arange(num_envs), 1)
-        for _ in range(chunk):
-            rows = {n: (rng.integers(0, 255, (num_envs, *s)).astype(d) if np.dtype(d).kind in "ub"
-                        else rng.standard_normal((num_envs, *s)).astype(d)) for n, (s, d) in spec.items()}
-            rows = {n: (v.astype(bool) if np.dtype(spec[n][1]).kind == "b" else v) for n, v in rows.items()}
-            rb.add(rows, env_ids=ids)
+    for _ in range(rows_per_env):
+        rows = {}
+        for n, (shape, dtype) in spec.items():
+            kind = np.dtype(dtype).kind
+            if kind == "b":
+                rows[n] = rng.random((num_envs, *shape)) < 0.5
+            elif kind == "u":
+                rows[n] = rng.integers(0, 256, (num_envs, *shape), dtype=np.uint8)
+            else:
+                rows[n] = rng.standard_normal((num_envs, *shape), dtype=np.float32)
+        rb.add(rows)
     out = rb.alloc_batch(batch_size, seq_len)
     storages = {n: rb.storage(n) for n in spec}
     cap = rb.env_capacity

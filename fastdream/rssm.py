@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdream.kernels.reference import gru_gate_reference
 from fastdream.nets import MLP, BlockLinear, Norm, straight_through_sample, unimix_logits
 
 
@@ -48,25 +49,26 @@ class RSSM(nn.Module):
         """``[..., D]``, ``[..., S, K]`` → ``[..., D + S·K]``."""
         return torch.cat([deter, stoch.flatten(-2)], -1)
 
-    def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]``."""
+    def gate_inputs(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Block-GRU gate pre-activations ``[N, 3D]`` (laid out ``[N, G, 3, D/G]``)."""
         action = action / action.abs().clamp(min=1.0).detach()
         x = torch.cat([self.dynin_deter(deter), self.dynin_stoch(stoch.flatten(-2)), self.dynin_action(action)], -1)
         g = self.blocks
         x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])
         x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1).flatten(-2)
-        x = self.gru(self.dynhid(x))
-        reset, cand, update = x.reshape(*x.shape[:-1], g, 3, -1).unbind(-2)
-        reset, cand, update = (t.flatten(-2) for t in (reset, cand, update))
-        reset = torch.sigmoid(reset)
-        cand = torch.tanh(reset * cand)
-        update = torch.sigmoid(update - 1.0)
-        return update * cand + (1.0 - update) * deter
+        return self.gru(self.dynhid(x))
+
+    def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]``."""
+        return gru_gate_reference(self.gate_inputs(deter, stoch, action), deter, self.blocks)
+
+    def prior_raw(self, deter: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` → prior logits before unimix ``[N, S, K]``."""
+        return self.prior_net(deter).reshape(*deter.shape[:-1], self.stoch, self.classes)
 
     def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` → unimix prior logits ``[N, S, K]``."""
-        logits = self.prior_net(deter).reshape(*deter.shape[:-1], self.stoch, self.classes)
-        return unimix_logits(logits, self.unimix)
+        return unimix_logits(self.prior_raw(deter), self.unimix)
 
     def post_logits(self, deter: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         """``[N, D], [N, E]`` → unimix posterior logits ``[N, S, K]``."""

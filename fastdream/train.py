@@ -205,7 +205,6 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
     metrics_acc: dict[str, list[float]] = {}
     consecutive_bad = 0
     stopped = "budget"
-    ck_path: Path | None = checkpoint.exists(run_dir) and run_dir / checkpoint.CHECKPOINT_DIR or None
 
     def save_checkpoint() -> Path:
         counters["wall_time"] = wall0 + time.perf_counter() - t0
@@ -275,7 +274,7 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
                         metrics_acc.clear()
                         window = {"env_steps": counters["env_steps"], "updates": counters["updates"], "time": now}
                     if counters["updates"] % t.checkpoint_every == 0:
-                        ck_path = save_checkpoint()
+                        save_checkpoint()
             if training and counters["env_steps"] - counters["last_eval"] >= t.eval_every:
                 counters["last_eval"] = counters["env_steps"]
                 counters["evals"] += 1
@@ -299,8 +298,6 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
         bar.close()
         logger.close()
         env.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
         raise
     finally:
         for s, h in old_handlers.items():

@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdream.nets import MLP, ImageDecoder, ImageEncoder, categorical_kl, symlog, twohot_bins, twohot_loss
+from fastdream.nets import (
+    MLP,
+    ImageDecoder,
+    ImageEncoder,
+    categorical_kl,
+    symlog,
+    twohot_bins,
+    twohot_decode,
+    twohot_loss,
+)
 from fastdream.rssm import RSSM
 
 # DreamerV3 loss scales: reconstruction/reward/continue 1, dynamics 0.5, representation 0.1.
@@ -68,8 +77,6 @@ class WorldModel(nn.Module):
 
     def reward(self, feat: torch.Tensor) -> torch.Tensor:
         """Predicted reward ``[...]`` from features ``[..., F]``."""
-        from fastdream.nets import twohot_decode
-
         return twohot_decode(self.reward_head(feat), self.bins)
 
     def cont(self, feat: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ Names match the kernels one to one: ``gru_gate``, ``unimix_sample``, ``rssm_step
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def gru_gate_reference(x: torch.Tensor, deter: torch.Tensor, groups: int) -> torch.Tensor:
@@ -29,12 +28,10 @@ def unimix_sample_reference(logits: torch.Tensor, noise: torch.Tensor, unimix: f
     ``noise [N, S]`` uniform in [0, 1). Returns ``(mixed_logits [N, S, K], sample [N, S, K])`` where
     mixed = log((1 − unimix) softmax(logits) + unimix / K) and sample = onehot + p − sg(p).
     """
-    logits = logits.float()
-    probs = (1.0 - unimix) * logits.softmax(-1) + unimix / logits.shape[-1]
-    cdf = probs.detach().cumsum(-1)
-    index = (cdf < noise.float().unsqueeze(-1)).sum(-1).clamp(max=logits.shape[-1] - 1)
-    onehot = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
-    return probs.log(), onehot + probs - probs.detach()
+    from fastdream.nets import inverse_cdf_onehot, unimix_probs
+
+    probs = unimix_probs(logits.float(), unimix)
+    return probs.log(), inverse_cdf_onehot(probs, noise.float()) + probs - probs.detach()
 
 
 def rssm_step_reference(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,

@@ -163,12 +163,6 @@ def unimix_sample(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> t
 def rssm_step(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
               noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One prior step of ``fastdream.rssm.RSSM`` with the fused kernels: ``(deter, stoch, prior_logits)``."""
-    action = action / action.abs().clamp(min=1.0).detach()
-    x = torch.cat([rssm.dynin_deter(deter), rssm.dynin_stoch(stoch.flatten(-2)), rssm.dynin_action(action)], -1)
-    g = rssm.blocks
-    x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])
-    x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1).flatten(-2)
-    deter = gru_gate(rssm.gru(rssm.dynhid(x)), deter, g)
-    raw = rssm.prior_net(deter).reshape(*deter.shape[:-1], rssm.stoch, rssm.classes)
-    mixed, sample = unimix_sample(raw, noise, rssm.unimix)
+    deter = gru_gate(rssm.gate_inputs(deter, stoch, action), deter, rssm.blocks)
+    mixed, sample = unimix_sample(rssm.prior_raw(deter), noise, rssm.unimix)
     return deter, sample, mixed
