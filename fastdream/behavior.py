@@ -7,7 +7,16 @@ import copy
 import torch
 from torch import nn
 
-from fastdream.nets import MLP, inverse_cdf_onehot, twohot_bins, twohot_decode, twohot_loss, unimix_logits, unimix_probs
+from fastdream.nets import (
+    MLP,
+    Hot,
+    inverse_cdf_onehot,
+    twohot_bins,
+    twohot_decode,
+    twohot_loss,
+    unimix_logits,
+    unimix_probs,
+)
 
 # ---------------------------------------------------------------- pure maths
 
@@ -57,8 +66,9 @@ class Actor(nn.Module):
         self.min_std, self.max_std = min_std, max_std
         self.net = MLP(feat_dim, units, layers, action_dim if discrete else 2 * action_dim)
 
-    def dist(self, feat: torch.Tensor) -> torch.distributions.Distribution:
-        x = self.net(feat)
+    def dist(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.distributions.Distribution:
+        """π over ``feat [..., F]`` (``hot``: see ``MLP.forward``)."""
+        x = self.net(feat, hot)
         if self.discrete:
             return torch.distributions.Categorical(logits=unimix_logits(x, self.unimix), validate_args=False)
         mean, std = x.chunk(2, -1)
@@ -66,20 +76,22 @@ class Actor(nn.Module):
         normal = torch.distributions.Normal(torch.tanh(mean), std, validate_args=False)
         return torch.distributions.Independent(normal, 1, validate_args=False)
 
-    def sample_with_noise(self, feat: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def sample_with_noise(self, feat: torch.Tensor, noise: torch.Tensor,
+                          hot: Hot | None = None) -> torch.Tensor:
         """Stored-form action from fixed noise, with plain ops (no torch.distributions) so that a
         compiled rollout has no graph break: inverse-CDF one-hot for ``noise [N]`` uniform (discrete),
         ``tanh(mean) + std · noise`` for ``noise [N, A]`` standard normal (continuous)."""
-        x = self.net(feat)
+        x = self.net(feat, hot)
         if self.discrete:
             return inverse_cdf_onehot(unimix_probs(x.float(), self.unimix), noise).to(feat.dtype)
         mean, std = x.chunk(2, -1)
         std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
         return torch.tanh(mean) + std * noise
 
-    def log_prob(self, feat: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob(self, feat: torch.Tensor, action: torch.Tensor, hot: Hot | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log π(action), entropy)`` for stored-form actions ``[..., A]``."""
-        d = self.dist(feat)
+        d = self.dist(feat, hot)
         if self.discrete:
             return d.log_prob(action.argmax(-1)), d.entropy()
         return d.log_prob(action), d.entropy()
@@ -93,12 +105,12 @@ class Critic(nn.Module):
         self.net = MLP(feat_dim, units, layers, num_bins, zero_out=True)
         self.register_buffer("bins", twohot_bins(num_bins), persistent=False)
 
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., K]``."""
-        return self.net(feat)
+    def forward(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
+        """Logits ``[..., K]`` (``hot``: see ``MLP.forward``)."""
+        return self.net(feat, hot)
 
-    def value(self, feat: torch.Tensor) -> torch.Tensor:
-        return twohot_decode(self.net(feat), self.bins)
+    def value(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
+        return twohot_decode(self.net(feat, hot), self.bins)
 
 
 
@@ -127,12 +139,16 @@ class Behavior(nn.Module):
         """Actor and critic losses on an imagined trajectory.
 
         ``traj``: ``feat [N, H+1, F]``, ``action [N, H, A]``, ``reward [N, H]`` and ``cont [N, H]``
-        (predicted at s_1..s_H), ``start_cont [N]``.
+        (predicted at s_1..s_H), ``start_cont [N]``; optional ``index [N, H+1, S]`` and ``classes`` (the
+        stoch classes, from ``dream.imagine``) let the critics gather instead of multiplying by one-hots.
         """
         feat = traj["feat"]
+        index = traj.get("index")
         H = traj["action"].shape[1]
+        hot_all = None if index is None else (index, traj["classes"])
+        hot = None if index is None else (index[:, :H], traj["classes"])
         # One critic pass over all H+1 states serves both the return targets and the critic loss.
-        critic_logits = self.critic(feat if not self.discrete else feat.detach())  # [N, H+1, K]
+        critic_logits = self.critic(feat if not self.discrete else feat.detach(), hot_all)  # [N, H+1, K]
         value = twohot_decode(critic_logits, self.critic.bins)
         ret = lambda_return(traj["reward"], traj["cont"], value if not self.discrete else value.detach(),
                             self.gamma, self.lam)
@@ -151,8 +167,8 @@ class Behavior(nn.Module):
             actor_obj = (ret - base) / scale
         actor_loss = -(weight * (actor_obj + self.entropy_scale * ent)).mean()
         with torch.no_grad():
-            slow = self.slow_critic.value(feat[:, :H].detach())
-        logits = critic_logits[:, :H] if self.discrete else self.critic(feat[:, :H].detach())
+            slow = self.slow_critic.value(feat[:, :H].detach(), hot)
+        logits = critic_logits[:, :H] if self.discrete else self.critic(feat[:, :H].detach(), hot)
         critic_nll = twohot_loss(logits, ret.detach(), self.critic.bins)
         slow_nll = twohot_loss(logits, slow, self.critic.bins)
         critic_loss = (weight * (critic_nll + self.slow_reg * slow_nll)).mean()

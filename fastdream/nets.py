@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# One-hot stoch known by its class indices: ``(index [..., S], classes K)``, see ``onehot_linear``.
+Hot = tuple[torch.Tensor, int]
+
 # ---------------------------------------------------------------- pure maths
 
 
@@ -68,25 +71,95 @@ def unimix_logits(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
     return unimix_probs(logits, unimix).log()
 
 
-def inverse_cdf_onehot(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """One-hot draw ``[..., K]`` from ``probs [..., K]`` with one uniform ``noise [...]`` per row.
+def inverse_cdf_index(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Class index ``[...]`` drawn from ``probs [..., K]`` with one uniform ``noise [...]`` per row.
 
     K× fewer random numbers than Gumbel-max, whose RNG and two logs measured ~25 % of an eager
     imagination step on this CPU; plain ops, so a compiled rollout has no graph break.
     """
-    index = (probs.detach().cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp(max=probs.shape[-1] - 1)
-    return F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    return (probs.detach().cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def onehot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[...]`` class indices → one-hot ``[..., classes]`` of ``dtype`` (no int64 intermediate)."""
+    out = torch.zeros(*index.shape, classes, dtype=dtype, device=index.device)
+    return out.scatter_(-1, index.unsqueeze(-1), 1.0)
+
+
+def inverse_cdf_onehot(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One-hot draw ``[..., K]`` of ``inverse_cdf_index``."""
+    return onehot(inverse_cdf_index(probs, noise), probs.shape[-1], probs.dtype)
+
+
+def straight_through_draw(probs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot draw ``[..., K]`` from ``probs [..., K]`` with the straight-through gradient
+    ``onehot + p − sg(p)`` (only built when ``probs`` needs a gradient), and its class ``index [...]``."""
+    index = inverse_cdf_index(probs, noise)
+    sample = onehot(index, probs.shape[-1], probs.dtype)
+    if probs.requires_grad:
+        sample = sample + probs - probs.detach()
+    return sample, index
 
 
 def straight_through_sample(logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """One-hot sample of categorical ``logits [..., K]`` with straight-through gradients.
+    """One-hot sample ``[..., K]`` of categorical ``logits [..., K]`` with straight-through gradients.
 
     ``noise [...]`` uniform in [0, 1) (drawn if not given) makes the draw reproducible.
     """
     probs = logits.softmax(-1)
     if noise is None:
         noise = torch.rand(logits.shape[:-1], device=logits.device, dtype=probs.dtype)
-    return inverse_cdf_onehot(probs, noise) + probs - probs.detach()
+    return straight_through_draw(probs, noise)[0]
+
+
+class _GatherRows(torch.autograd.Function):
+    """``y [M, O] = Σ_s weight[:, rows[m, s]]`` for ``weight [O, R]``, ``rows [M, S]``: forward is an
+    ``embedding_bag``; backward is one matmul ``gᵀ · onehot(rows)`` (bf16 under autocast), since
+    torch's embedding_bag backward measured ~3× slower here at M = 16384, S = 32, R = 1024, O = 256."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, low_precision: bool) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.num_rows, ctx.low_precision = weight.shape[1], low_precision
+        return _embedding_sum(weight, rows)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (rows,) = ctx.saved_tensors
+        dtype = torch.bfloat16 if ctx.low_precision else g.dtype
+        hot = torch.zeros(rows.shape[0], ctx.num_rows, dtype=dtype, device=g.device).scatter_(1, rows, 1.0)
+        return (g.to(dtype).t() @ hot).float(), None, None
+
+
+def _embedding_sum(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``Σ_s weight[:, rows[m, s]]`` → ``[M, O]`` (no autograd of its own)."""
+    flat = rows.reshape(-1)
+    offsets = torch.arange(0, flat.numel(), rows.shape[1], device=rows.device)
+    return F.embedding_bag(flat, weight.t().contiguous(), offsets, mode="sum")
+
+
+def onehot_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, classes: int) -> torch.Tensor:
+    """``x [..., I] @ weight.T`` (``weight [O, I]``) where ``x[..., -S·K:]`` is known to equal
+    ``one_hot(index [..., S], K = classes)`` (sampled stoch): those columns become a gather-sum of
+    weight rows (``embedding_bag``) instead of a matmul with zeros. At ``[15360, 1024] x [1024, 256]``
+    here: 7 ms against 155 ms (fp32) or 89 ms (bf16).
+
+    ``x`` gets no gradient this way, so an ``x`` that needs one takes the plain matmul.
+    """
+    if x.requires_grad:
+        return F.linear(x, weight)
+    groups = index.shape[-1]
+    start = x.shape[-1] - groups * classes
+    rows = index.reshape(-1, groups) + torch.arange(groups, device=x.device) * classes  # [M, S]
+    hot_weight = weight[:, start:]
+    if torch.is_grad_enabled() and weight.requires_grad:
+        y = _GatherRows.apply(hot_weight, rows, torch.is_autocast_enabled(x.device.type))
+    else:
+        y = _embedding_sum(hot_weight, rows)
+    y = y.reshape(*x.shape[:-1], -1)
+    if start:  # slice before any reshape: a reshape of a strided x would copy all of its columns
+        y = y + F.linear(x[..., :start], weight[:, :start])
+    return y
 
 
 def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:
@@ -128,8 +201,13 @@ class MLP(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.body(x)
+    def forward(self, x: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
+        """``[..., in_dim]`` → ``[..., out_dim]``. ``hot = (index [..., S], classes)``: ``x`` ends in the
+        one-hot stoch ``one_hot(index)``, and the first layer gathers instead of multiplying."""
+        if hot is not None and len(self.body):
+            x = self.body[1:](onehot_linear(x, self.body[0].weight, *hot))
+        else:
+            x = self.body(x)
         return self.head(x) if self.head is not None else x
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from fastdream.nets import (
     MLP,
+    Hot,
     ImageDecoder,
     ImageEncoder,
     categorical_kl,
@@ -75,13 +76,13 @@ class WorldModel(nn.Module):
             parts.append(self.img_enc(obs["image"]))
         return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
-    def reward(self, feat: torch.Tensor) -> torch.Tensor:
-        """Predicted reward ``[...]`` from features ``[..., F]``."""
-        return twohot_decode(self.reward_head(feat), self.bins)
+    def reward(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
+        """Predicted reward ``[...]`` from features ``[..., F]`` (``hot``: see ``MLP.forward``)."""
+        return twohot_decode(self.reward_head(feat, hot), self.bins)
 
-    def cont(self, feat: torch.Tensor) -> torch.Tensor:
+    def cont(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
         """Predicted probability of continuing ``[...]``."""
-        return torch.sigmoid(self.cont_head(feat).squeeze(-1))
+        return torch.sigmoid(self.cont_head(feat, hot).squeeze(-1))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """World-model loss on a ``[B, T]`` batch: ``(loss, metrics, posterior states)``."""

@@ -35,6 +35,6 @@ def unimix_sample_reference(logits: torch.Tensor, noise: torch.Tensor, unimix: f
 
 
 def rssm_step_reference(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
-                        noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One prior (imagination) step of ``fastdream.rssm.RSSM``: ``(deter, stoch, prior_logits)``."""
+                        noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One prior (imagination) step of ``fastdream.rssm.RSSM``: ``(deter, stoch, prior_logits, index)``."""
     return rssm.img_step(deter, stoch, action, noise)

@@ -160,9 +160,10 @@ def unimix_sample(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> t
     return UnimixSample.apply(logits, noise, unimix)
 
 
-def rssm_step(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
-              noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One prior step of ``fastdream.rssm.RSSM`` with the fused kernels: ``(deter, stoch, prior_logits)``."""
-    deter = gru_gate(rssm.gate_inputs(deter, stoch, action), deter, rssm.blocks)
+def rssm_step(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, noise: torch.Tensor,
+              index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One prior step of ``fastdream.rssm.RSSM`` with the fused kernels: ``(deter, stoch, prior_logits,
+    index)``, as ``RSSM.img_step``."""
+    deter = gru_gate(rssm.gate_inputs(deter, stoch, action, index), deter, rssm.blocks)
     mixed, sample = unimix_sample(rssm.prior_raw(deter), noise, rssm.unimix)
-    return deter, sample, mixed
+    return deter, sample, mixed, sample.detach().argmax(-1)

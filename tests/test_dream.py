@@ -51,16 +51,49 @@ def test_engine_matches_eager_forward_and_gradients(engine, discrete):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("discrete", [True, False])
+def test_onehot_gathers_give_the_dense_dream_and_losses(discrete):
+    """The one-hot stoch path (gathers instead of matmuls) changes no value and no actor/critic gradient."""
+    from fastdream.behavior import Behavior
+
+    wm, actor, starts, noise = tiny(discrete)
+    beh = Behavior(wm.rssm.feat_dim, 2, discrete, units=16, layers=1)
+    beh.actor = actor
+    outs = []
+    for onehot in (False, True):
+        traj = imagine(wm, actor, starts, 3, grad=not discrete, noise=noise, onehot=onehot)
+        assert (traj["index"] is not None) == onehot
+        if onehot:  # the carried classes are those of the one-hot stoch in feat
+            hot = traj["feat"][..., wm.rssm.deter:].unflatten(-1, (wm.rssm.stoch, wm.rssm.classes))
+            assert torch.equal(hot.argmax(-1), traj["index"])
+        traj["start_cont"] = torch.ones(starts[0].shape[0])
+        beh.ret_lo.zero_()
+        beh.ret_hi.zero_()
+        actor_loss, critic_loss, _ = beh.losses(traj)
+        params = list(actor.parameters()) + list(beh.critic.parameters())
+        grads = torch.autograd.grad(actor_loss + critic_loss, params, allow_unused=True)
+        outs.append((traj, actor_loss, critic_loss, grads))
+    (ref, ra, rc, rg), (out, oa, oc, og) = outs
+    for k in ("feat", "action", "reward", "cont", "logprob", "entropy"):
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
+    torch.testing.assert_close((oa, oc), (ra, rc), rtol=1e-5, atol=1e-6)
+    for a, b in zip(og, rg, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_compiled_rollout_has_no_graph_breaks():
     import torch._dynamo as dynamo
 
     from fastdream.dream import _rollout
 
     wm, actor, (deter, stoch), noise = tiny(True)
-    explain = dynamo.explain(lambda d, s, a, b: _rollout(wm, actor, d, s, a, b))(deter, stoch, noise["stoch"],
-                                                                                 noise["action"])
-    assert explain.graph_break_count == 0, explain.break_reasons
-    assert explain.graph_count == 1
+    for onehot in (False, True):
+        explain = dynamo.explain(lambda d, s, a, b, o=onehot: _rollout(wm, actor, d, s, a, b, onehot=o))(
+            deter, stoch, noise["stoch"], noise["action"])
+        assert explain.graph_break_count == 0, explain.break_reasons
+        assert explain.graph_count == 1
 
 
 def test_engine_resolution_and_errors():

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from fastdream.nets import (
+    MLP,
     BlockLinear,
     categorical_kl,
+    onehot_linear,
     straight_through_sample,
     symexp,
     symlog,
@@ -87,3 +89,50 @@ def test_block_linear_equals_block_diagonal_matrix():
     torch.testing.assert_close(layer(x), x @ dense + layer.bias, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="divisible by groups"):
         BlockLinear(10, 6, groups=3)
+
+
+def test_onehot_linear_equals_the_matmul_in_values_and_weight_gradient():
+    torch.manual_seed(0)
+    deter, groups, classes, out = 5, 3, 4, 7
+    index = torch.randint(0, classes, (2, 6, groups))
+    hot = torch.nn.functional.one_hot(index, classes).float().flatten(-2)
+    x = torch.cat([torch.randn(2, 6, deter), hot], -1)  # [2, 6, 5 + 12]
+    w = torch.randn(out, deter + groups * classes, requires_grad=True)
+    dense = torch.nn.functional.linear(x, w)
+    fast = onehot_linear(x, w, index, classes)
+    assert fast.shape == (2, 6, out)
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-5)
+    g = torch.randn(2, 6, out)
+    torch.testing.assert_close(torch.autograd.grad(fast, w, g)[0], torch.autograd.grad(dense, w, g)[0],
+                               rtol=1e-5, atol=1e-5)
+    # Only the stoch part: start = 0 (the RSSM's stoch input layer).
+    torch.testing.assert_close(onehot_linear(hot, w[:, deter:], index, classes), hot @ w[:, deter:].T,
+                               rtol=1e-5, atol=1e-5)
+    # An input that needs its gradient (straight-through) takes the matmul, so it still gets one.
+    xg = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(onehot_linear(xg, w, index, classes).sum(), xg)
+    torch.testing.assert_close(gx, w.detach().sum(0).expand_as(x))
+
+
+def test_mlp_onehot_path_matches_dense_path():
+    torch.manual_seed(0)
+    mlp = MLP(5 + 8, 16, 2, 3)
+    index = torch.randint(0, 4, (9, 2))
+    x = torch.cat([torch.randn(9, 5), torch.nn.functional.one_hot(index, 4).float().flatten(-2)], -1)
+    torch.testing.assert_close(mlp(x, (index, 4)), mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rssm_dynhid_first_equals_block_linear_on_expanded_group_inputs():
+    from fastdream.rssm import RSSM
+
+    torch.manual_seed(0)
+    rssm = RSSM(action_dim=3, embed_dim=5, deter=24, hidden=10, stoch=4, classes=4, blocks=4)
+    deter, x = torch.randn(7, 24, requires_grad=True), torch.randn(7, 30, requires_grad=True)
+    groups = torch.cat([deter.reshape(7, 4, 6), x.unsqueeze(1).expand(7, 4, 30)], -1).flatten(-2)  # [7, 4 * 36]
+    ref = rssm.dynhid[0](groups)
+    out = rssm.dynhid_first(deter, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    params = (deter, x, rssm.dynhid[0].weight, rssm.dynhid[0].bias)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
