@@ -231,12 +231,63 @@ def _size_dims(size: str) -> dict[str, int]:
             "classes": d["model.classes"]}
 
 
+def record_matmuls(fn: Callable[[], Any]) -> list[tuple[Any, list[tuple[int, ...]], Any]]:
+    """Every matmul (``mm``/``addmm``/``bmm``/``baddbmm``) that ``fn()`` dispatches, as
+    ``(op, operand shapes, dtype)``, after autocast (so bf16 runs record bf16 matmuls)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+    calls: list[tuple[Any, list[tuple[int, ...]], Any]] = []
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                calls.append((func, [tuple(t.shape) for t in tensors], tensors[-1].dtype))
+            return func(*args, **(kwargs or {}))
+
+    with _Recorder():
+        fn()
+    return calls
+
+
+def matmul_flops(calls: list[tuple[Any, list[tuple[int, ...]], Any]]) -> float:
+    """FLOPs (2·m·k·n per product) of ``record_matmuls`` calls."""
+    total = 0.0
+    for _, shapes, _ in calls:
+        a, b = shapes[-2], shapes[-1]
+        total += 2.0 * float(np.prod(a)) * b[-1]
+    return total
+
+
+def replay_matmuls(calls: list[tuple[Any, list[tuple[int, ...]], Any]]) -> Callable[[], None]:
+    """A function that runs the same matmuls (shapes, dtype, order) on fixed random operands and
+    nothing else: the physical limit of a computation made of them."""
+    import torch
+
+    operands: dict[tuple, list] = {}
+    program = []
+    for func, shapes, dtype in calls:
+        key = (func, tuple(shapes), dtype)
+        if key not in operands:
+            operands[key] = [torch.randn(sh).to(dtype) for sh in shapes]
+        program.append((func, operands[key]))
+
+    def run() -> None:
+        for func, args in program:
+            func(*args)
+    return run
+
+
 def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tuple[str, ...] = ("eager", "compile"),
                precisions: tuple[str, ...] = ("fp32", "bf16")) -> Case:
-    """Imagined state-steps/s of a no-grad discrete-action rollout (the REINFORCE dream), per engine
-    and precision, next to plain-matmul GFLOP/s on the rollout's largest matmul shape."""
+    """Imagined state-steps/s of a no-grad discrete-action dream (rollout + reward/continue/policy
+    heads: ``dream.imagine``), per engine and precision, next to the same dream's matmuls alone
+    (recorded from the eager run and replayed: same shapes, dtype and count) as the physical limit.
+    Gathers of one-hot stoch rows are not matmuls and count as zero FLOPs."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from fastdream.behavior import Actor
     from fastdream.dream import draw_noise, imagine
@@ -250,9 +301,6 @@ def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tupl
     deter = torch.randn(n, dims["deter"])
     stoch = torch.nn.functional.one_hot(torch.randint(0, dims["classes"], (n, 32)), dims["classes"]).float()
     noise = draw_noise(n, horizon, 32, actor, "cpu")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        imagine(wm, actor, (deter, stoch), horizon, engine="eager", noise=noise)
-    flops = counter.get_total_flops()
 
     def make(engine: str, precision: str):
         def fn():
@@ -261,20 +309,15 @@ def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tupl
         return fn
 
     variants = [Variant(f"{e}_{p}", make(e, p), n * horizon) for e in engines for p in precisions]
-    # The physical limit: one matmul of the rollout's biggest shape, [N, F] @ [F, units].
-    a32 = torch.randn(n, wm.rssm.feat_dim)
-    b32 = torch.randn(wm.rssm.feat_dim, dims["units"])
-    mm_flops = 2 * n * wm.rssm.feat_dim * dims["units"]
-    steps_per_flop = n * horizon / flops  # converts a matmul FLOP rate into "steps/s at peak"
+    params: dict[str, Any] = {"size": size, "n": n, "horizon": horizon}
     for p in precisions:
-        a, b = (a32.bfloat16(), b32.bfloat16()) if p == "bf16" else (a32, b32)
-        variants.append(Variant(f"matmul_peak_{p}", lambda a=a, b=b: a @ b, mm_flops * steps_per_flop))
+        calls = record_matmuls(make("eager", p))
+        params[f"gflop_per_dream_{p}"] = round(matmul_flops(calls) / 1e9, 3)
+        variants.append(Variant(f"matmuls_only_{p}", replay_matmuls(calls), n * horizon))
     base = f"eager_{precisions[0]}"
     ratios = [(f"{e}_{p}", base) for e in engines for p in precisions if f"{e}_{p}" != base]
-    ratios += [(f"{e}_{p}", f"matmul_peak_{p}") for e in engines for p in precisions]
-    return Case(name=f"dream_{size}_n{n}", params={"size": size, "n": n, "horizon": horizon,
-                                                   "gflop_per_rollout": flops / 1e9},
-                unit="steps/s", variants=variants, ratios=ratios)
+    ratios += [(f"{e}_{p}", f"matmuls_only_{p}") for e in engines for p in precisions]
+    return Case(name=f"dream_{size}_n{n}", params=params, unit="steps/s", variants=variants, ratios=ratios)
 
 
 def train_case(size: str = "xs", batch_size: int = 16, seq_len: int = 64, horizon: int = 15,

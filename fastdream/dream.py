@@ -85,22 +85,35 @@ def draw_noise(n: int, horizon: int, stoch: int, actor: Actor, device, generator
 def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: torch.Tensor,
              noise_stoch: torch.Tensor, noise_action: torch.Tensor, step: Callable | None = None,
              onehot: bool = False):
-    """``H = len(noise_stoch)`` steps → ``feat [N, H+1, F]``, ``action [N, H, A]``, ``index [N, H+1, S]``
-    (the stoch classes; ``None`` unless ``onehot``). ``onehot``: the start stoch are exact one-hot
-    draws, so the layers reading stoch gather weight rows (``nets.onehot_linear``)."""
+    """``H = len(noise_stoch)`` steps from one-hot start ``stoch`` → ``deter [N, H+1, D]``,
+    ``stoch [N, H+1, S, K]`` (``None`` if ``onehot``), ``action [N, H, A]``, ``index [N, H+1, S]`` (the
+    stoch classes). ``onehot`` (no-grad dreams): every layer reading stoch gathers weight rows by
+    ``index`` (``nets.onehot_linear``) and no dense stoch is kept, so a compiled rollout never writes one."""
     rssm = world_model.rssm
     step = step or RSSM.img_step
-    index = stoch.argmax(-1) if onehot else None
-    feats, actions, indices = [rssm.feat(deter, stoch)], [], [index]
+    index = stoch.argmax(-1)
+    deters, stochs, actions, indices = [deter], [stoch], [], [index]
     for t in range(noise_stoch.shape[0]):
-        hot = (index, rssm.classes) if onehot else None
-        action = actor.sample_with_noise(feats[-1], noise_action[t], hot)
-        deter, stoch, _, new_index = step(rssm, deter, stoch, action, noise_stoch[t], index)
-        index = new_index if onehot else None
+        if onehot:
+            action = actor.sample_with_noise(deter, noise_action[t], (index, rssm.classes))
+        else:
+            action = actor.sample_with_noise(rssm.feat(deter, stoch), noise_action[t])
+        deter, stoch, _, index = step(rssm, deter, stoch, action, noise_stoch[t], index if onehot else None)
+        deters.append(deter)
+        stochs.append(stoch)
         actions.append(action)
         indices.append(index)
-        feats.append(rssm.feat(deter, stoch))
-    return torch.stack(feats, 1), torch.stack(actions, 1), torch.stack(indices, 1) if onehot else None
+    stoch_seq = None if onehot else torch.stack(stochs, 1)
+    return torch.stack(deters, 1), stoch_seq, torch.stack(actions, 1), torch.stack(indices, 1)
+
+
+def _feat_from_index(deter: torch.Tensor, index: torch.Tensor, classes: int) -> torch.Tensor:
+    """``[deter, one_hot(index)]`` → ``[..., D + S·K]`` written in place (no separate one-hot and cat)."""
+    d = deter.shape[-1]
+    feat = torch.zeros(*deter.shape[:-1], d + index.shape[-1] * classes, dtype=deter.dtype, device=deter.device)
+    feat[..., :d] = deter
+    feat[..., d:].unflatten(-1, (index.shape[-1], classes)).scatter_(-1, index.unsqueeze(-1), 1.0)
+    return feat
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -137,7 +150,7 @@ def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch,
     for dst, src in zip(static, (deter, stoch, noise_stoch, noise_action), strict=True):
         dst.copy_(src)
     graph.replay()
-    return tuple(o.clone() for o in outs)
+    return tuple(None if o is None else o.clone() for o in outs)
 
 
 def resolve_engine(engine: str, device: torch.device | str, grad: bool) -> str:
@@ -183,20 +196,28 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
     if noise is None:
         noise = draw_noise(deter.shape[0], horizon, stoch.shape[-2], policy, deter.device, generator)
     ns, na = noise["stoch"][:horizon], noise["action"][:horizon]
+    gather = onehot and not grad  # with gradients through the dynamics the stoch must stay dense
     with torch.set_grad_enabled(grad):
         if engine == "eager":
-            feat, action, index = _rollout(world_model, policy, deter, stoch, ns, na, onehot=onehot)
+            out = _rollout(world_model, policy, deter, stoch, ns, na, onehot=gather)
         elif engine == "compile":
-            feat, action, index = _compiled(world_model, policy, onehot)(deter, stoch, ns, na)
+            out = _compiled(world_model, policy, gather)(deter, stoch, ns, na)
         elif engine == "triton":
             from fastdream.kernels.rssm_step import rssm_step
 
-            feat, action, index = _rollout(world_model, policy, deter, stoch, ns, na, step=rssm_step, onehot=onehot)
+            out = _rollout(world_model, policy, deter, stoch, ns, na, step=rssm_step, onehot=gather)
         else:
-            feat, action, index = _cudagraph(world_model, policy, deter, stoch, ns, na, onehot)
+            out = _cudagraph(world_model, policy, deter, stoch, ns, na, gather)
+    deter_seq, stoch_seq, action, index = out
+    k = world_model.rssm.classes
+    if stoch_seq is None:
+        feat = _feat_from_index(deter_seq, index, k)
+    else:
+        feat = world_model.rssm.feat(deter_seq, stoch_seq)
+    if not onehot:
+        index = None
     if augment is not None:
         feat, index = augment(feat), None  # an augmentation may leave the one-hot layout
-    k = world_model.rssm.classes
     nxt = feat[:, 1:]
     logprob, entropy = policy.log_prob(feat[:, :-1] if grad else feat[:, :-1].detach(), action.detach(),
                                        None if index is None else (index[:, :-1], k))

@@ -14,6 +14,7 @@ from fastdream.nets import (
     twohot_bins,
     twohot_decode,
     twohot_encode,
+    twohot_loss,
     unimix_logits,
 )
 
@@ -136,3 +137,19 @@ def test_rssm_dynhid_first_equals_block_linear_on_expanded_group_inputs():
     params = (deter, x, rssm.dynhid[0].weight, rssm.dynhid[0].bias)
     for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_twohot_loss_is_the_cross_entropy_against_the_twohot_target():
+    bins = twohot_bins()
+    torch.manual_seed(0)
+    logits = torch.randn(6, 255, requires_grad=True)
+    target = torch.tensor([0.0, 1.0, -3.5, 250.0, 1e12, -1e12])  # in range, symlog-mid-bin, clipped both ends
+    dense = -(twohot_encode(symlog(target), bins) * logits.log_softmax(-1)).sum(-1)
+    loss = twohot_loss(logits, target, bins)
+    torch.testing.assert_close(loss, dense, rtol=1e-5, atol=1e-5)
+    # Hand value: zero logits put 1/255 on every bin, so the loss is ln 255 whatever the target.
+    torch.testing.assert_close(twohot_loss(torch.zeros(2, 255), torch.tensor([0.3, -7.0]), bins),
+                               torch.full((2,), math.log(255.0)))
+    g = torch.randn(6)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits, g)[0], torch.autograd.grad(dense, logits, g)[0],
+                               rtol=1e-5, atol=1e-6)
