@@ -302,20 +302,23 @@ def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tupl
     stoch = torch.nn.functional.one_hot(torch.randint(0, dims["classes"], (n, 32)), dims["classes"]).float()
     noise = draw_noise(n, horizon, 32, actor, "cpu")
 
-    def make(engine: str, precision: str):
+    def make(engine: str, precision: str, onehot: bool = True):
         def fn():
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-                imagine(wm, actor, (deter, stoch), horizon, engine=engine, noise=noise)
+                imagine(wm, actor, (deter, stoch), horizon, engine=engine, noise=noise, onehot=onehot)
         return fn
 
     variants = [Variant(f"{e}_{p}", make(e, p), n * horizon) for e in engines for p in precisions]
+    # The plain reference loop: eager, fp32, dense matmuls on the one-hot stoch (no gathers).
+    variants.insert(0, Variant(f"eager_{precisions[0]}_dense", make("eager", precisions[0], False), n * horizon))
     params: dict[str, Any] = {"size": size, "n": n, "horizon": horizon}
     for p in precisions:
         calls = record_matmuls(make("eager", p))
         params[f"gflop_per_dream_{p}"] = round(matmul_flops(calls) / 1e9, 3)
         variants.append(Variant(f"matmuls_only_{p}", replay_matmuls(calls), n * horizon))
     base = f"eager_{precisions[0]}"
-    ratios = [(f"{e}_{p}", base) for e in engines for p in precisions if f"{e}_{p}" != base]
+    ratios = [(f"{e}_{p}", f"{base}_dense") for e in engines for p in precisions]
+    ratios += [(f"{e}_{p}", base) for e in engines for p in precisions if f"{e}_{p}" != base]
     ratios += [(f"{e}_{p}", f"matmuls_only_{p}") for e in engines for p in precisions]
     return Case(name=f"dream_{size}_n{n}", params=params, unit="steps/s", variants=variants, ratios=ratios)
 

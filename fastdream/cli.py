@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="gymnasium")
     args = build_parser().parse_args(argv)
+    from fastdream.runtime import keep_freed_memory
+
+    keep_freed_memory()  # the CLI owns its process: reuse freed activations instead of re-faulting pages
     try:
         return args.func(args)
     except CliError as exc:

@@ -1,0 +1,30 @@
+"""Process-level settings that a training process (the CLI, the benchmarks) opts into."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 2**31 - 1) -> bool:
+    """Asks glibc's malloc to serve blocks up to ``mmap_threshold`` bytes (32 MiB, its maximum) from
+    its heap and to keep freed memory instead of handing it back to the OS.
+
+    A train step allocates and frees the same multi-MB activations every update; by default each
+    is a fresh ``mmap`` whose pages fault in again on first touch. Measured here: copying a
+    ``[1024, 15, 256]`` slice went from 16 ms to 2.6 ms. Returns False where there is no glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
