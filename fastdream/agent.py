@@ -24,7 +24,8 @@ class OptimConfig:
 
 
 def _optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps)
+    # fused: one kernel for all parameters instead of ~10 ops per tensor (the world model has ~60).
+    return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, fused=True)
 
 
 class Agent(torch.nn.Module):
@@ -112,7 +113,7 @@ class Agent(torch.nn.Module):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
-        norm = torch.nn.utils.clip_grad_norm_(params, self.opt_cfg[name].clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.opt_cfg[name].clip, foreach=True)
         ok = bool(torch.isfinite(norm))
         if ok:
             self.opts[name].step()
