@@ -51,7 +51,7 @@ def twohot_encode(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 def twohot_decode(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Expected value of ``logits [..., K]`` over ``bins``, mapped back with symexp → ``[...]``."""
-    return symexp(logits.float().softmax(-1) @ bins)
+    return symexp((logits.float().softmax(-1) * bins).sum(-1))  # not a matmul: autocast would make it bf16
 
 
 def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:

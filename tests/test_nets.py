@@ -153,3 +153,13 @@ def test_twohot_loss_is_the_cross_entropy_against_the_twohot_target():
     g = torch.randn(6)
     torch.testing.assert_close(torch.autograd.grad(loss, logits, g)[0], torch.autograd.grad(dense, logits, g)[0],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_twohot_decode_stays_fp32_under_bf16_autocast():
+    bins = twohot_bins()
+    logits = torch.full((3, 255), -50.0)
+    logits[:, 200] = 50.0  # all mass on one bin: the value is exactly symexp(bins[200])
+    with torch.autocast("cpu", torch.bfloat16):
+        value = twohot_decode(logits, bins)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, symexp(bins[200]).expand(3), rtol=1e-5, atol=1e-4)
