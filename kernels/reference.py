@@ -28,10 +28,10 @@ def unimix_sample_reference(logits: torch.Tensor, noise: torch.Tensor, unimix: f
     ``noise [N, S]`` uniform in [0, 1). Returns ``(mixed_logits [N, S, K], sample [N, S, K])`` where
     mixed = log((1 − unimix) softmax(logits) + unimix / K) and sample = onehot + p − sg(p).
     """
-    from fastdream.nets import inverse_cdf_onehot, unimix_probs
+    from fastdream.nets import straight_through_draw, unimix_probs
 
     probs = unimix_probs(logits.float(), unimix)
-    return probs.log(), inverse_cdf_onehot(probs, noise.float()) + probs - probs.detach()
+    return probs.log(), straight_through_draw(probs, noise.float())[0]
 
 
 def rssm_step_reference(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
