@@ -25,13 +25,13 @@ def gru_gate_reference(x: torch.Tensor, deter: torch.Tensor, groups: int) -> tor
 def unimix_sample_reference(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> tuple[torch.Tensor, ...]:
     """Unimix + straight-through inverse-CDF sample of categoricals ``logits [N, S, K]``.
 
-    ``noise [N, S]`` uniform in [0, 1). Returns ``(mixed_logits [N, S, K], sample [N, S, K])`` where
-    mixed = log((1 − unimix) softmax(logits) + unimix / K) and sample = onehot + p − sg(p).
+    ``noise [N, S]`` uniform in [0, 1). Returns ``(mixed_logits [N, S, K], sample [N, S, K], index [N, S])``
+    where mixed = log((1 − unimix) softmax(logits) + unimix / K), sample = onehot(index) + p − sg(p).
     """
     from fastdream.nets import straight_through_draw, unimix_probs
 
     probs = unimix_probs(logits.float(), unimix)
-    return probs.log(), straight_through_draw(probs, noise.float())[0]
+    return probs.log(), *straight_through_draw(probs, noise.float())
 
 
 def rssm_step_reference(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,

@@ -74,7 +74,8 @@ if HAVE_TRITON:
         tl.store(gdeter_ptr + idx, go * (1.0 - update), mask=mask)
 
     @triton.jit
-    def _unimix_sample_fwd(logits_ptr, noise_ptr, mixed_ptr, sample_ptr, K, unimix, BLOCK_K: tl.constexpr):
+    def _unimix_sample_fwd(logits_ptr, noise_ptr, mixed_ptr, sample_ptr, index_ptr, K, unimix,
+                           BLOCK_K: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_K)
         mask = cols < K
@@ -88,6 +89,7 @@ if HAVE_TRITON:
         index = tl.minimum(tl.sum(tl.where(mask & (cdf < u), 1, 0), axis=0), K - 1)
         tl.store(mixed_ptr + row * K + cols, tl.log(tl.where(mask, probs, 1.0)), mask=mask)
         tl.store(sample_ptr + row * K + cols, tl.where(cols == index, 1.0, 0.0), mask=mask)
+        tl.store(index_ptr + row, index.to(tl.int64))
 
 
 _BLOCK = 1024
@@ -122,21 +124,24 @@ class GruGate(torch.autograd.Function):
 
 
 class UnimixSample(torch.autograd.Function):
-    """Autograd face of the unimix/sample kernel: ``(logits [N, S, K], noise [N, S]) → (mixed, sample)``."""
+    """Autograd face of the unimix/sample kernel: ``(logits [N, S, K], noise [N, S]) → (mixed, sample,
+    index [N, S])``; ``index`` (int64, the drawn classes) has no gradient."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, noise: torch.Tensor, unimix: float):
         logits = logits.float().contiguous()
         n, s, k = logits.shape
         mixed, sample = torch.empty_like(logits), torch.empty_like(logits)
-        _unimix_sample_fwd[(n * s,)](logits, noise.float().contiguous(), mixed, sample, k, float(unimix),
+        index = torch.empty(n, s, dtype=torch.int64, device=logits.device)
+        _unimix_sample_fwd[(n * s,)](logits, noise.float().contiguous(), mixed, sample, index, k, float(unimix),
                                      BLOCK_K=triton.next_power_of_2(k))
         ctx.save_for_backward(logits)
+        ctx.mark_non_differentiable(index)
         ctx.unimix = unimix
-        return mixed, sample
+        return mixed, sample, index
 
     @staticmethod
-    def backward(ctx, g_mixed: torch.Tensor | None, g_sample: torch.Tensor | None):
+    def backward(ctx, g_mixed: torch.Tensor | None, g_sample: torch.Tensor | None, _g_index: None):
         (logits,) = ctx.saved_tensors
         soft = logits.softmax(-1)
         probs = (1.0 - ctx.unimix) * soft + ctx.unimix / logits.shape[-1]
@@ -155,8 +160,10 @@ def gru_gate(x: torch.Tensor, deter: torch.Tensor, groups: int) -> torch.Tensor:
     return GruGate.apply(x, deter, groups)
 
 
-def unimix_sample(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused unimix + straight-through sample; same maths as ``reference.unimix_sample_reference``."""
+def unimix_sample(logits: torch.Tensor, noise: torch.Tensor, unimix: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused unimix + straight-through sample ``(mixed, sample, index)``; same maths as
+    ``reference.unimix_sample_reference``."""
     return UnimixSample.apply(logits, noise, unimix)
 
 
@@ -165,5 +172,5 @@ def rssm_step(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tens
     """One prior step of ``fastdream.rssm.RSSM`` with the fused kernels: ``(deter, stoch, prior_logits,
     index)``, as ``RSSM.img_step``."""
     deter = gru_gate(rssm.gate_inputs(deter, stoch, action, index), deter, rssm.blocks)
-    mixed, sample = unimix_sample(rssm.prior_raw(deter), noise, rssm.unimix)
-    return deter, sample, mixed, sample.detach().argmax(-1)
+    mixed, sample, index = unimix_sample(rssm.prior_raw(deter), noise, rssm.unimix)
+    return deter, sample, mixed, index

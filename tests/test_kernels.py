@@ -34,10 +34,12 @@ def test_unimix_sample_matches_reference_forward_and_backward(n, s, k):
     torch.manual_seed(1)
     logits = (3 * torch.randn(n, s, k, device=DEVICE)).requires_grad_()
     noise = torch.rand(n, s, device=DEVICE)
-    mixed, sample = rssm_step.unimix_sample(logits, noise, 0.01)
-    rmixed, rsample = reference.unimix_sample_reference(logits, noise, 0.01)
+    mixed, sample, index = rssm_step.unimix_sample(logits, noise, 0.01)
+    rmixed, rsample, rindex = reference.unimix_sample_reference(logits, noise, 0.01)
     torch.testing.assert_close(mixed, rmixed, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sample.detach(), rsample.detach())  # identical one-hot draws
+    assert index.dtype == torch.int64 and torch.equal(index, rindex)
+    assert torch.equal(index, sample.detach().argmax(-1))  # the kernel's index is the drawn class
     assert (sample.detach().sum(-1) == 1).all()
     gm, gs = torch.randn_like(mixed), torch.randn_like(sample)
     (g1,) = torch.autograd.grad((mixed * gm).sum() + (sample * gs).sum(), logits)
