@@ -17,7 +17,6 @@ from fastdream.nets import (
     Norm,
     onehot_linear,
     straight_through_draw,
-    straight_through_sample,
     unimix_logits,
     unimix_probs,
 )
@@ -58,30 +57,43 @@ class RSSM(nn.Module):
         """``[..., D]``, ``[..., S, K]`` → ``[..., D + S·K]``."""
         return torch.cat([deter, stoch.flatten(-2)], -1)
 
+    def action_input(self, action: torch.Tensor) -> torch.Tensor:
+        """``[..., A]`` → the GRU's action input ``[..., H]`` (actions scaled into [-1, 1] first)."""
+        return self.dynin_action(action / action.abs().clamp(min=1.0).detach())
+
     def gate_inputs(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
-                    index: torch.Tensor | None = None) -> torch.Tensor:
+                    index: torch.Tensor | None = None, action_in: torch.Tensor | None = None,
+                    weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Block-GRU gate pre-activations ``[N, 3D]`` (laid out ``[N, G, 3, D/G]``). ``index [N, S]``:
-        ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows (``nets.onehot_linear``)."""
-        action = action / action.abs().clamp(min=1.0).detach()
+        ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows (``nets.onehot_linear``).
+        ``action_in``: ``action_input(action)`` computed already; ``weights``: ``dynhid_weights()``."""
         if index is not None:
             lin = self.dynin_stoch[0]
             stoch_in = self.dynin_stoch[1:](onehot_linear(stoch.flatten(-2), lin.weight, index, self.classes))
         else:
             stoch_in = self.dynin_stoch(stoch.flatten(-2))
-        x = torch.cat([self.dynin_deter(deter), stoch_in, self.dynin_action(action)], -1)
-        return self.gru(self.dynhid[1:](self.dynhid_first(deter, x)))
+        if action_in is None:
+            action_in = self.action_input(action)
+        x = torch.cat([self.dynin_deter(deter), stoch_in, action_in], -1)
+        return self.gru(self.dynhid[1:](self.dynhid_first(deter, x, weights)))
 
-    def dynhid_first(self, deter: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def dynhid_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first dynhid layer's weight split as ``dynhid_first`` reads it: ``own [G, D/G, D/G]`` and
+        ``shared [3H, D]`` (a copy, columns group-major). A sequence loop builds them once, not per step."""
+        w = self.dynhid[0].weight  # [G, D/G + 3H, D/G]
+        dg = self.deter // self.blocks
+        return w[:, :dg], w[:, dg:].permute(1, 0, 2).reshape(w.shape[1] - dg, -1)
+
+    def dynhid_first(self, deter: torch.Tensor, x: torch.Tensor,
+                     weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The first dynhid BlockLinear on group inputs ``[deter_g ‖ x]`` (x ``[N, 3H]`` shared by all G
         groups), without building them: ``blockwise(deter, W_own) + x @ W_shared`` → ``[N, D]``.
         Materialising the G-fold ``[N, G, D/G + 3H]`` input cost ~45 % of an eager imagination step."""
-        layer = self.dynhid[0]
-        w = layer.weight  # [G, D/G + 3H, D/G]
+        own_w, shared_w = weights if weights is not None else self.dynhid_weights()
         g, dg = self.blocks, self.deter // self.blocks
         lead = deter.shape[:-1]
-        own = torch.bmm(deter.reshape(-1, g, dg).transpose(0, 1), w[:, :dg]).transpose(0, 1)  # [N, G, D/G]
-        shared = w[:, dg:].permute(1, 0, 2).reshape(w.shape[1] - dg, -1)  # [3H, D], columns group-major
-        return own.reshape(*lead, -1) + x @ shared + layer.bias
+        own = torch.bmm(deter.reshape(-1, g, dg).transpose(0, 1), own_w).transpose(0, 1)  # [N, G, D/G]
+        return own.reshape(*lead, -1) + x @ shared_w + self.dynhid[0].bias
 
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
              index: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,11 +107,6 @@ class RSSM(nn.Module):
     def prior_logits(self, deter: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` → unimix prior logits ``[N, S, K]``."""
         return unimix_logits(self.prior_raw(deter), self.unimix)
-
-    def post_logits(self, deter: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-        """``[N, D], [N, E]`` → unimix posterior logits ``[N, S, K]``."""
-        logits = self.post_net(torch.cat([deter, embed], -1)).reshape(*deter.shape[:-1], self.stoch, self.classes)
-        return unimix_logits(logits, self.unimix)
 
     # ---------------------------------------------------------------- steps
     def img_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
@@ -115,26 +122,41 @@ class RSSM(nn.Module):
         return deter, stoch, probs.log(), index
 
     def obs_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, embed: torch.Tensor,
-                 is_first: torch.Tensor, noise: torch.Tensor | None = None,
-                 embed_proj: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 is_first: torch.Tensor, noise: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One posterior step; ``is_first [N]`` resets the carry (and zeroes the action) first.
 
         Returns ``(deter, stoch, post_logits)``; the prior of ``deter`` is ``prior_logits(deter)``.
-        ``embed_proj`` is ``embed`` already through the posterior's first layer (see ``observe``).
         """
         keep = (~is_first).to(deter.dtype)
+        action_in = self.action_input(action * keep[:, None])
+        return self._obs_step(deter, stoch, keep, action_in, self.embed_proj(embed), self._step_weights(), noise)
+
+    def embed_proj(self, embed: torch.Tensor) -> torch.Tensor:
+        """``[..., E]`` → the embedding's share of the posterior's first layer ``[..., hidden]``."""
+        return F.linear(embed, self.post_net.body[0].weight[:, self.deter:])
+
+    def _step_weights(self) -> tuple[torch.Tensor, ...]:
+        """Weights every posterior step reads in a sliced layout: ``dynhid_weights()`` and the deter
+        columns of the posterior's first layer. Sliced once per sequence, so autograd sums one weight
+        gradient per sequence into each parameter instead of one slice-backward per step."""
+        return (*self.dynhid_weights(), self.post_net.body[0].weight[:, : self.deter])
+
+    def _obs_step(self, deter: torch.Tensor, stoch: torch.Tensor, keep: torch.Tensor, action_in: torch.Tensor,
+                  embed_proj: torch.Tensor, weights: tuple[torch.Tensor, ...], noise: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``obs_step`` on inputs prepared outside the recurrence: ``keep [N]`` (0 resets), ``action_in``
+        (``action_input`` of the kept action), ``embed_proj`` (``embed_proj(embed)``), ``_step_weights()``."""
         deter = deter * keep[:, None]
         stoch = stoch * keep[:, None, None]
-        action = action * keep[:, None]
-        deter = self.core(deter, stoch, action)
-        if embed_proj is None:
-            post = self.post_logits(deter, embed)
-        else:
-            first = self.post_net.body[0]
-            x = F.linear(deter, first.weight[:, : self.deter]) + embed_proj
-            x = self.post_net.head(self.post_net.body[1:](x))
-            post = unimix_logits(x.reshape(*deter.shape[:-1], self.stoch, self.classes), self.unimix)
-        return deter, straight_through_sample(post, noise), post
+        gates = self.gate_inputs(deter, stoch, None, action_in=action_in, weights=weights[:2])
+        deter = gru_gate_reference(gates, deter, self.blocks)
+        x = F.linear(deter, weights[2]) + embed_proj
+        x = self.post_net.head(self.post_net.body[1:](x))
+        probs = unimix_probs(x.reshape(*deter.shape[:-1], self.stoch, self.classes), self.unimix)
+        if noise is None:
+            noise = torch.rand(probs.shape[:-1], device=probs.device, dtype=probs.dtype)
+        return deter, straight_through_draw(probs, noise)[0], probs.log()
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
                 state: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -144,13 +166,16 @@ class RSSM(nn.Module):
         """
         B, T = embed.shape[:2]
         deter, stoch = state if state is not None else self.initial(B, embed.device)
-        # The embedding's share of the posterior's first layer, and the prior, need no recurrence:
-        # computing them for all T at once took the observe loop from 0.15 s to ~0.1 s (B16 x T64, tiny).
-        embed_proj = F.linear(embed, self.post_net.body[0].weight[:, self.deter:])
+        # Whatever needs no recurrence runs once for all T: the embedding's share of the posterior's
+        # first layer, the action input, the prior (after the loop) and the weight slices.
+        keep = (~is_first).to(deter.dtype)
+        embed_proj = self.embed_proj(embed)
+        action_in = self.action_input(action * keep[..., None])
+        weights = self._step_weights()
         deters, stochs, posts = [], [], []
         for t in range(T):
-            deter, stoch, post = self.obs_step(deter, stoch, action[:, t], embed[:, t], is_first[:, t],
-                                               embed_proj=embed_proj[:, t])
+            deter, stoch, post = self._obs_step(deter, stoch, keep[:, t], action_in[:, t], embed_proj[:, t],
+                                                weights, None)
             deters.append(deter)
             stochs.append(stoch)
             posts.append(post)

@@ -163,3 +163,47 @@ def test_twohot_decode_stays_fp32_under_bf16_autocast():
         value = twohot_decode(logits, bins)
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, symexp(bins[200]).expand(3), rtol=1e-5, atol=1e-4)
+
+
+def test_rssm_observe_equals_the_plain_per_step_loop_in_values_and_gradients():
+    """observe hoists the action input, the embedding's projection and the weight slices out of the
+    recurrence; it must equal a loop of core + full posterior MLP per step, resets included."""
+    from fastdream.nets import unimix_logits
+    from fastdream.rssm import RSSM
+
+    torch.manual_seed(0)
+    B, T, E, A = 3, 6, 7, 2
+    rssm = RSSM(action_dim=A, embed_dim=E, deter=24, hidden=10, stoch=4, classes=5, blocks=4)
+    embed = torch.randn(B, T, E, requires_grad=True)
+    action = 3 * torch.randn(B, T, A)  # |a| > 1 exercises the scaling
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = True
+    is_first[1, 3] = True
+    torch.manual_seed(1)
+    out = rssm.observe(embed, action, is_first)
+    torch.manual_seed(1)
+    deter, stoch = rssm.initial(B)
+    deters, stochs, posts = [], [], []
+    for t in range(T):
+        keep = (~is_first[:, t]).float()
+        deter = rssm.core(deter * keep[:, None], stoch * keep[:, None, None], action[:, t] * keep[:, None])
+        raw = rssm.post_net(torch.cat([deter, embed[:, t]], -1)).reshape(B, 4, 5)
+        post = unimix_logits(raw, rssm.unimix)
+        stoch = straight_through_sample(post, torch.rand(B, 4))
+        deters.append(deter), stochs.append(stoch), posts.append(post)
+    ref = {"deter": torch.stack(deters, 1), "stoch": torch.stack(stochs, 1), "post": torch.stack(posts, 1)}
+    for k, v in ref.items():
+        torch.testing.assert_close(out[k], v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["stoch"].detach().argmax(-1), ref["stoch"].detach().argmax(-1))
+    params = [embed, *rssm.parameters()]
+    weights = {k: torch.randn_like(v) for k, v in ref.items()}
+
+    def grads(d):
+        loss = sum((d[k] * w).sum() for k, w in weights.items())
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    for a, b in zip(grads(out), grads(ref), strict=True):
+        if b is None:  # the prior net is not on this path
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
