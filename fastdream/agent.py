@@ -148,7 +148,7 @@ class Agent(torch.nn.Module):
             metrics["dream/starts"] = torch.tensor(float(n))
             with self._autocast():
                 traj = imagine(self.wm, self.behavior.actor, starts, horizon, engine=self.engine,
-                               grad=not self.discrete)
+                               grad=not self.discrete, dense_feat=False)
                 traj["start_cont"] = start_cont
                 actor_loss, critic_loss, bm = self.behavior.losses(traj)
             metrics.update(bm)

@@ -172,7 +172,7 @@ def resolve_engine(engine: str, device: torch.device | str, grad: bool) -> str:
 def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, torch.Tensor], horizon: int,
             engine: str = "eager", augment: Callable | None = None, grad: bool = False,
             noise: dict[str, torch.Tensor] | None = None, generator: torch.Generator | None = None,
-            onehot: bool = True) -> dict[str, torch.Tensor]:
+            onehot: bool = True, dense_feat: bool = True) -> dict[str, torch.Tensor]:
     """Dreams ``horizon`` steps from each of ``starts = (deter [N, D], stoch [N, S, K])`` under ``policy``.
 
     Returns ``feat [N, H+1, F]``, ``action [N, H, A]`` (taken at s_0..s_{H-1}), ``reward [N, H]``
@@ -186,7 +186,9 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
     step produce; layers reading a one-hot stoch without needing its gradient then gather weight rows
     instead of multiplying by zeros (same values; ~half the rollout's and the heads' FLOPs at size xs).
     Pass ``False`` for soft or zero stoch. ``traj["index"] [N, H+1, S]`` (or ``None``) carries the
-    stoch classes on to ``Behavior.losses``.
+    stoch classes on to ``Behavior.losses``. ``dense_feat=False`` (no-grad dreams with ``onehot``): ``feat``
+    is only its dense part ``[N, H+1, D]``, the stoch being ``traj["index"]``; every layer given ``hot`` reads
+    just that, and the one-hot columns (80 % of ``feat`` at size xs, ~84 MB at N=1024) are never written.
     """
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
@@ -210,12 +212,14 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
             out = _cudagraph(world_model, policy, deter, stoch, ns, na, gather)
     deter_seq, stoch_seq, action, index = out
     k = world_model.rssm.classes
-    if stoch_seq is None:
+    if not onehot:
+        index = None
+    if gather and not dense_feat and augment is None:
+        feat = deter_seq
+    elif stoch_seq is None:
         feat = _feat_from_index(deter_seq, index, k)
     else:
         feat = world_model.rssm.feat(deter_seq, stoch_seq)
-    if not onehot:
-        index = None
     if augment is not None:
         feat, index = augment(feat), None  # an augmentation may leave the one-hot layout
     nxt = feat[:, 1:]
