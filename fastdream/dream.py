@@ -131,6 +131,23 @@ def _compiled(world_model: WorldModel, actor: Actor, onehot: bool) -> Callable:
     return _COMPILED[key]
 
 
+def _heads(world_model: WorldModel, nxt: torch.Tensor, index: torch.Tensor | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward and continue predicted at the dreamed states ``nxt [N, H, ·]`` (``index``: their classes)."""
+    hot = None if index is None else (index, world_model.rssm.classes)
+    return world_model.reward(nxt, hot), world_model.cont(nxt, hot)
+
+
+def _compiled_heads(world_model: WorldModel) -> Callable:
+    """``_heads`` compiled (no-grad dreams of the compile engine): inductor fuses the heads' norms,
+    activations and the two-hot softmax/decode, which measured ~45 ms eager at N=1024, H=15, xs."""
+    key = ("heads", id(world_model))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(lambda nxt, index: _heads(world_model, nxt, index), fullgraph=True,
+                                       dynamic=False)
+    return _COMPILED[key]
+
+
 def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch, noise_action, onehot: bool):
     key = (id(world_model), id(actor), tuple(deter.shape), tuple(noise_stoch.shape), deter.dtype,
            torch.is_autocast_enabled("cuda"), onehot)
@@ -227,7 +244,10 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
                                        None if index is None else (index[:, :-1], k))
     # Without gradients through the dynamics the world-model heads need no graph either.
     with torch.set_grad_enabled(grad):
-        hot = None if index is None else (index[:, 1:], k)
-        reward, cont = world_model.reward(nxt, hot), world_model.cont(nxt, hot)
+        nxt_index = None if index is None else index[:, 1:]
+        if engine == "compile" and not grad:
+            reward, cont = _compiled_heads(world_model)(nxt, nxt_index)
+        else:
+            reward, cont = _heads(world_model, nxt, nxt_index)
     return {"feat": feat, "action": action, "reward": reward, "cont": cont, "logprob": logprob,
             "entropy": entropy, "index": index, "classes": k}
