@@ -1,6 +1,4 @@
-"""Declares the one compiled piece of fastdream: the pybind11 replay core (C++17, no torch)."""
-
-from glob import glob
+"""Declares fastdream's compiled pieces (pybind11, C++17, no torch): the replay core and small CPU ops."""
 
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
@@ -9,10 +7,11 @@ setup(
     ext_modules=[
         Pybind11Extension(
             "fastdream._replay",
-            sorted(glob("csrc/*.cpp")),
+            ["csrc/bindings.cpp", "csrc/replay.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
             extra_compile_args=["-O3"],
-        )
+        ),
+        Pybind11Extension("fastdream._ops", ["csrc/ops.cpp"], cxx_std=17, extra_compile_args=["-O3"]),
     ],
 )

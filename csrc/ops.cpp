@@ -1,0 +1,84 @@
+// fastdream._ops: small CPU kernels for the training maths (numpy in, numpy out, no torch).
+//
+// gather_rows_backward: the weight gradient of a gather-sum of rows (nets.onehot_linear):
+//   out[r, :] = sum over (m, s) with rows[m, s] == r of g[m, :]
+// Each g row is read once and added into S output rows that stay in cache; torch's S index_adds
+// re-read all of g once per latent. Every check happens before any memory is touched.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+void accumulate(const float* g, const int64_t* rows, float* out, int64_t m_count, int64_t s_count,
+                int64_t width, int64_t col0, int64_t col1) {
+  for (int64_t m = 0; m < m_count; ++m) {
+    const float* src = g + m * width;
+    const int64_t* r = rows + m * s_count;
+    for (int64_t s = 0; s < s_count; ++s) {
+      float* dst = out + r[s] * width;
+      for (int64_t c = col0; c < col1; ++c) dst[c] += src[c];
+    }
+  }
+}
+
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+py::array_t<float> gather_rows_backward(const py::array& g, const py::array& rows, int64_t num_rows,
+                                        int threads) {
+  if (!g.dtype().is(py::dtype::of<float>()))
+    throw py::type_error("gather_rows_backward: g dtype " + std::string(py::str(g.dtype())) + ", expected float32");
+  if (!rows.dtype().is(py::dtype::of<int64_t>()))
+    throw py::type_error("gather_rows_backward: rows dtype " + std::string(py::str(rows.dtype())) +
+                         ", expected int64");
+  if (g.ndim() != 2 || rows.ndim() != 2 || g.shape(0) != rows.shape(0))
+    throw py::value_error("gather_rows_backward: g " + shape_of(g) + " and rows " + shape_of(rows) +
+                          " must be [M, O] and [M, S]");
+  if (!(g.flags() & py::array::c_style) || !(rows.flags() & py::array::c_style))
+    throw py::value_error("gather_rows_backward: g and rows must be C-contiguous");
+  if (num_rows < 1) throw py::value_error("gather_rows_backward: num_rows must be >= 1, got " + std::to_string(num_rows));
+  const int64_t m_count = g.shape(0), width = g.shape(1), s_count = rows.shape(1);
+  const auto* r = static_cast<const int64_t*>(rows.data());
+  for (int64_t i = 0; i < m_count * s_count; ++i) {
+    if (r[i] < 0 || r[i] >= num_rows)
+      throw py::index_error("gather_rows_backward: row index " + std::to_string(r[i]) + " outside [0, " +
+                            std::to_string(num_rows) + ")");
+  }
+  py::array_t<float> out({num_rows, width});
+  auto* o = static_cast<float*>(out.mutable_data());
+  std::fill(o, o + num_rows * width, 0.0f);
+  const auto* src = static_cast<const float*>(g.data());
+  // Threads split the columns (16-float blocks), so no two write the same float.
+  const int64_t blocks = (width + 15) / 16;
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({threads, blocks, 64})));
+  {
+    py::gil_scoped_release release;
+    std::vector<std::thread> pool;
+    for (int t = 1; t < n; ++t) {
+      const int64_t c0 = std::min(width, blocks * t / n * 16), c1 = std::min(width, blocks * (t + 1) / n * 16);
+      pool.emplace_back(accumulate, src, r, o, m_count, s_count, width, c0, c1);
+    }
+    accumulate(src, r, o, m_count, s_count, width, 0, std::min(width, blocks / n * 16));
+    for (auto& th : pool) th.join();
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_ops, m) {
+  m.doc() = "Small CPU kernels for fastdream's training maths.";
+  m.def("gather_rows_backward", &gather_rows_backward, py::arg("g"), py::arg("rows"), py::arg("num_rows"),
+        py::arg("threads") = 1,
+        "out [num_rows, O] float32: out[rows[m, s]] += g[m] for g [M, O] float32 and rows [M, S] int64.");
+}
