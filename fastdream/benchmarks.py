@@ -361,6 +361,31 @@ def train_case(size: str = "xs", batch_size: int = 16, seq_len: int = 64, horizo
                 ratios=[(v.name, first) for v in variants[1:-1]] + [(first, "world_model_only")])
 
 
+def gather_backward_case(m: int = 16384, latents: int = 32, classes: int = 32, width: int = 256) -> Case:
+    """Weight gradient of a gathered one-hot layer (``nets.gather_rows_backward``, the C++ kernel on a
+    CPU) in gradient rows/s, next to one torch ``index_add_`` per latent (the previous implementation)."""
+    import torch
+
+    from fastdream.nets import gather_rows_backward
+
+    torch.manual_seed(0)
+    g = torch.randn(m, width)
+    rows = torch.randint(0, classes, (m, latents)) + torch.arange(latents) * classes
+    num_rows = latents * classes
+
+    def index_adds() -> torch.Tensor:
+        out = torch.zeros(num_rows, width)
+        for s in range(latents):
+            out.index_add_(0, rows[:, s], g)
+        return out
+
+    variants = [Variant("gather_rows_backward", lambda: gather_rows_backward(g, rows, num_rows), m),
+                Variant("index_add_per_latent", index_adds, m)]
+    return Case(name=f"gather_backward_m{m}", params={"m": m, "latents": latents, "classes": classes,
+                                                       "width": width},
+                unit="rows/s", variants=variants, ratios=[("gather_rows_backward", "index_add_per_latent")])
+
+
 CASES["dream"] = [lambda: dream_case("tiny", 1024), lambda: dream_case("xs", 1024), lambda: dream_case("xs", 4096),
                   lambda: dream_case("xs", 16384, precisions=("bf16",))]
-CASES["train"] = [lambda: train_case("xs")]
+CASES["train"] = [lambda: gather_backward_case(), lambda: train_case("xs")]
