@@ -148,15 +148,26 @@ def gather_rows_backward(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> 
     """
     g = g.float()
     if g.device.type == "cpu":
-        from fastdream import _ops
-
-        out = _ops.gather_rows_backward(g.detach().contiguous().numpy(), rows.contiguous().numpy(), num_rows,
-                                        torch.get_num_threads())
-        return torch.from_numpy(out)
+        return _gather_rows_backward_cpu(g, rows, num_rows)
     grad = torch.zeros(num_rows, g.shape[1], dtype=torch.float32, device=g.device)
     for s in range(rows.shape[1]):
         grad.index_add_(0, rows[:, s], g)
     return grad
+
+
+@torch.library.custom_op("fastdream::gather_rows_backward", mutates_args=())
+def _gather_rows_backward_cpu(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The C++ kernel as a torch op, so a traced graph (torch.compile) keeps it as one opaque call."""
+    from fastdream import _ops
+
+    out = _ops.gather_rows_backward(g.detach().contiguous().numpy(), rows.contiguous().numpy(), num_rows,
+                                    torch.get_num_threads())
+    return torch.from_numpy(out)
+
+
+@_gather_rows_backward_cpu.register_fake
+def _(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return g.new_empty(num_rows, g.shape[1], dtype=torch.float32)
 
 
 def _embedding_sum(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
