@@ -12,6 +12,7 @@ setup(
             cxx_std=17,
             extra_compile_args=["-O3"],
         ),
-        Pybind11Extension("fastdream._ops", ["csrc/ops.cpp"], cxx_std=17, extra_compile_args=["-O3"]),
+        Pybind11Extension("fastdream._ops", ["csrc/ops.cpp"], include_dirs=["csrc"], cxx_std=17,
+                          extra_compile_args=["-O3"]),
     ],
 )

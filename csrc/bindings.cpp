@@ -4,24 +4,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <sstream>
 
 #include "replay.hpp"
+#include "shape_str.hpp"
 
 namespace py = pybind11;
 using fastdream::FieldSpec;
 using fastdream::ReplayCore;
+using fastdream::shape_str;
 
 namespace {
-
-// Python's spelling of a shape tuple: (2,), (2, 3).
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << (s.size() == 1 ? ",)" : ")");
-  return os.str();
-}
 
 std::string dtype_name(char kind, int64_t itemsize) {
   if (kind == 'b') return "bool";

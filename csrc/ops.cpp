@@ -12,6 +12,8 @@
 #include <thread>
 #include <vector>
 
+#include "shape_str.hpp"
+
 namespace py = pybind11;
 
 namespace {
@@ -48,9 +50,7 @@ void accumulate(const float* __restrict__ g, const int64_t* __restrict__ rows, f
 }
 
 std::string shape_of(const py::array& a) {
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
+  return fastdream::shape_str(std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
 }
 
 py::array_t<float> gather_rows_backward(const py::array& g, const py::array& rows, int64_t num_rows,
@@ -80,14 +80,12 @@ py::array_t<float> gather_rows_backward(const py::array& g, const py::array& row
   // Threads split the columns (16-float blocks), so no two write the same float.
   const int64_t blocks = (width + 15) / 16;
   const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({threads, blocks, 64})));
+  auto col = [&](int t) { return std::min(width, blocks * t / n * 16); };  // first column of thread t
   {
     py::gil_scoped_release release;
     std::vector<std::thread> pool;
-    for (int t = 1; t < n; ++t) {
-      const int64_t c0 = std::min(width, blocks * t / n * 16), c1 = std::min(width, blocks * (t + 1) / n * 16);
-      pool.emplace_back(accumulate, src, r, o, m_count, s_count, width, c0, c1);
-    }
-    accumulate(src, r, o, m_count, s_count, width, 0, std::min(width, blocks / n * 16));
+    for (int t = 1; t < n; ++t) pool.emplace_back(accumulate, src, r, o, m_count, s_count, width, col(t), col(t + 1));
+    accumulate(src, r, o, m_count, s_count, width, col(0), col(1));
     for (auto& th : pool) th.join();
   }
   return out;

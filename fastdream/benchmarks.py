@@ -305,9 +305,9 @@ def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tupl
     def make(engine: str, precision: str, onehot: bool = True):
         def fn():
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-                # As training dreams: gathers, and features kept as deter + class indices (dense_feat=False).
+                # As training dreams: features kept as deter + class indices (ignored without gathers).
                 imagine(wm, actor, (deter, stoch), horizon, engine=engine, noise=noise, onehot=onehot,
-                        dense_feat=not onehot)
+                        dense_feat=False)
         return fn
 
     variants = [Variant(f"{e}_{p}", make(e, p), n * horizon) for e in engines for p in precisions]

@@ -142,7 +142,7 @@ class _GatherRows(torch.autograd.Function):
 def gather_rows_backward(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``out [num_rows, O]`` (fp32) with ``out[rows[m, s]] += g[m]`` for ``g [M, O]``, ``rows [M, S]``.
 
-    On a CPU: the C++ kernel ``fastdream._ops.gather_rows_backward`` (reads each g row once). Elsewhere:
+    On a CPU: the C++ kernel ``fastdream._ops.gather_rows_backward`` (reads g once). Elsewhere:
     one ``index_add`` per latent; on this CPU those measured 62 ms at M = 15360, S = 32, O = 256 (the
     matmul with the one-hot 94 ms, torch's embedding_bag backward ~2x the index_adds).
     """

@@ -61,19 +61,17 @@ class RSSM(nn.Module):
         """``[..., A]`` → the GRU's action input ``[..., H]`` (actions scaled into [-1, 1] first)."""
         return self.dynin_action(action / action.abs().clamp(min=1.0).detach())
 
-    def gate_inputs(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
-                    index: torch.Tensor | None = None, action_in: torch.Tensor | None = None,
+    def gate_inputs(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
+                    index: torch.Tensor | None = None,
                     weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Block-GRU gate pre-activations ``[N, 3D]`` (laid out ``[N, G, 3, D/G]``). ``index [N, S]``:
-        ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows (``nets.onehot_linear``).
-        ``action_in``: ``action_input(action)`` computed already; ``weights``: ``dynhid_weights()``."""
+        """Block-GRU gate pre-activations ``[N, 3D]`` (laid out ``[N, G, 3, D/G]``) from ``action_in =
+        action_input(action)``. ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer
+        gathers weight rows (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already."""
         if index is not None:
             lin = self.dynin_stoch[0]
             stoch_in = self.dynin_stoch[1:](onehot_linear(stoch.flatten(-2), lin.weight, index, self.classes))
         else:
             stoch_in = self.dynin_stoch(stoch.flatten(-2))
-        if action_in is None:
-            action_in = self.action_input(action)
         x = torch.cat([self.dynin_deter(deter), stoch_in, action_in], -1)
         return self.gru(self.dynhid[1:](self.dynhid_first(deter, x, weights)))
 
@@ -98,7 +96,7 @@ class RSSM(nn.Module):
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
              index: torch.Tensor | None = None) -> torch.Tensor:
         """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]``."""
-        return gru_gate_reference(self.gate_inputs(deter, stoch, action, index), deter, self.blocks)
+        return gru_gate_reference(self.gate_inputs(deter, stoch, self.action_input(action), index), deter, self.blocks)
 
     def prior_raw(self, deter: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` → prior logits before unimix ``[N, S, K]``."""
@@ -149,7 +147,7 @@ class RSSM(nn.Module):
         (``action_input`` of the kept action), ``embed_proj`` (``embed_proj(embed)``), ``_step_weights()``."""
         deter = deter * keep[:, None]
         stoch = stoch * keep[:, None, None]
-        gates = self.gate_inputs(deter, stoch, None, action_in=action_in, weights=weights[:2])
+        gates = self.gate_inputs(deter, stoch, action_in, weights=weights[:2])
         deter = gru_gate_reference(gates, deter, self.blocks)
         x = F.linear(deter, weights[2]) + embed_proj
         x = self.post_net.head(self.post_net.body[1:](x))

@@ -171,6 +171,6 @@ def rssm_step(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tens
               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One prior step of ``fastdream.rssm.RSSM`` with the fused kernels: ``(deter, stoch, prior_logits,
     index)``, as ``RSSM.img_step``."""
-    deter = gru_gate(rssm.gate_inputs(deter, stoch, action, index), deter, rssm.blocks)
+    deter = gru_gate(rssm.gate_inputs(deter, stoch, rssm.action_input(action), index), deter, rssm.blocks)
     mixed, sample, index = unimix_sample(rssm.prior_raw(deter), noise, rssm.unimix)
     return deter, sample, mixed, index
