@@ -52,18 +52,26 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presets(given: list[str], env_id: str, obs: str | None) -> list[str]:
+    """The presets to apply, in order: every ``--preset`` (each comma-separated), after the env's task
+    preset unless a task preset is among them (so ``--preset xs`` on LunarLander keeps its task settings)."""
+    from fastdream.config import TASKS
+
+    presets = [p.strip() for item in given for p in item.split(",") if p.strip()]
+    if not any(p in TASKS for p in presets):
+        task = {"CartPole-v1": "cartpole", "LunarLander-v3": "lunarlander"}.get(env_id, "cartpole")
+        if obs in ("pixels", "both"):
+            task += "-pixels"
+        presets.insert(0, task)
+    return presets
+
+
 def _load_config(args: argparse.Namespace):
     from fastdream.config import Config, apply, apply_presets, apply_sets, validate
 
     cfg = Config()
     try:
-        presets = [p.strip() for p in (args.preset or "").split(",") if p.strip()]
-        env_id = args.env or "CartPole-v1"
-        if not presets:
-            presets = [{"CartPole-v1": "cartpole", "LunarLander-v3": "lunarlander"}.get(env_id, "cartpole")]
-            if args.obs in ("pixels", "both") and presets[0] in ("cartpole", "lunarlander"):
-                presets[0] += "-pixels"
-        cfg = apply_presets(cfg, presets)
+        cfg = apply_presets(cfg, _presets(args.preset or [], args.env or "CartPole-v1", args.obs))
         direct = {}
         if args.env:
             direct["env.id"] = args.env
@@ -182,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a DreamerV3 agent (default: CartPole-v1 until solved)")
     t.add_argument("--env", default=None, help="EnvPool or gymnasium id (default: CartPole-v1)")
     t.add_argument("--envs", type=int, default=None, help="parallel training envs (preset default: 64)")
-    t.add_argument("--preset", default=None,
-                   help="comma-separated presets applied in order: cartpole, cartpole-pixels, lunarlander, "
-                        "lunarlander-pixels, tiny, xs, s (default: the env's task preset)")
+    t.add_argument("--preset", action="append", default=None,
+                   help="presets applied in order, comma-separated or repeated: cartpole, cartpole-pixels, "
+                        "lunarlander, lunarlander-pixels, tiny, xs, s (the env's task preset comes first "
+                        "unless one is given)")
     t.add_argument("--obs", default=None, choices=["vector", "pixels", "both"], help="observation kind")
     t.add_argument("--steps", type=int, default=None, help="env-step budget")
     t.add_argument("--train-ratio", type=float, default=None, help="replayed steps per env step")

@@ -79,3 +79,20 @@ def test_resume_refuses_config_changes(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run("train", "--resume", str(logdir), "--envs", "8")
     assert r.returncode == 2 and "only --steps may change it" in r.stderr
+
+
+@pytest.mark.parametrize("argv, env_id, target, deter, obs", [
+    # A size preset alone keeps the env's task settings (LunarLander's target 200, not CartPole's 475).
+    (["--env", "LunarLander-v3", "--preset", "xs"], "LunarLander-v3", 200.0, 256, "vector"),
+    # Repeated --preset flags add up, in order, like a comma-separated list.
+    (["--env", "LunarLander-v3", "--preset", "lunarlander", "--preset", "xs"], "LunarLander-v3", 200.0, 256,
+     "vector"),
+    (["--preset", "cartpole,xs"], "CartPole-v1", 475.0, 256, "vector"),
+    (["--obs", "pixels", "--preset", "tiny"], "CartPole-v1", 400.0, 128, "pixels"),
+    ([], "CartPole-v1", 475.0, 128, "vector"),
+])
+def test_presets_resolve_task_then_size(argv, env_id, target, deter, obs):
+    from fastdream.cli import _load_config, build_parser
+
+    cfg = _load_config(build_parser().parse_args(["train", *argv]))
+    assert (cfg.env.id, cfg.env.target_return, cfg.model.deter, cfg.env.obs) == (env_id, target, deter, obs)
