@@ -13,7 +13,8 @@ from fastdream.nets import (
     inverse_cdf_onehot,
     twohot_bins,
     twohot_decode,
-    twohot_loss,
+    twohot_decode_logp,
+    twohot_nll,
     unimix_logits,
     unimix_probs,
 )
@@ -149,7 +150,10 @@ class Behavior(nn.Module):
         hot = None if index is None else (index[:, :H], traj["classes"])
         # One critic pass over all H+1 states serves both the return targets and the critic loss.
         critic_logits = self.critic(feat if not self.discrete else feat.detach(), hot_all)  # [N, H+1, K]
-        value = twohot_decode(critic_logits, self.critic.bins)
+        # One log_softmax serves the values and (discrete) both critic losses, forward and backward.
+        critic_logp = critic_logits.float().log_softmax(-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.discrete):
+            value = twohot_decode_logp(critic_logp, self.critic.bins)  # discrete: only read detached
         ret = lambda_return(traj["reward"], traj["cont"], value if not self.discrete else value.detach(),
                             self.gamma, self.lam)
         state_cont = torch.cat([traj["start_cont"][:, None], traj["cont"]], 1)
@@ -168,9 +172,12 @@ class Behavior(nn.Module):
         actor_loss = -(weight * (actor_obj + self.entropy_scale * ent)).mean()
         with torch.no_grad():
             slow = self.slow_critic.value(feat[:, :H].detach(), hot)
-        logits = critic_logits[:, :H] if self.discrete else self.critic(feat[:, :H].detach(), hot)
-        critic_nll = twohot_loss(logits, ret.detach(), self.critic.bins)
-        slow_nll = twohot_loss(logits, slow, self.critic.bins)
+        if self.discrete:
+            logp = critic_logp[:, :H]
+        else:
+            logp = self.critic(feat[:, :H].detach(), hot).float().log_softmax(-1)
+        critic_nll = twohot_nll(logp, ret.detach(), self.critic.bins)
+        slow_nll = twohot_nll(logp, slow, self.critic.bins)
         critic_loss = (weight * (critic_nll + self.slow_reg * slow_nll)).mean()
         metrics = {
             "behavior/actor_loss": actor_loss.detach(),

@@ -60,11 +60,21 @@ def twohot_decode(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     return symexp((logits.float().softmax(-1) * bins).sum(-1))  # not a matmul: autocast would make it bf16
 
 
+def twohot_decode_logp(logp: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """``twohot_decode`` from log-probabilities ``logp [..., K]`` (a ``log_softmax`` computed already)."""
+    return symexp((logp.exp() * bins).sum(-1))
+
+
 def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``logits [..., K]`` against the two-hot of symlog(``target [...]``) → ``[...]``:
     two gathered log-probabilities, no ``[..., K]`` target tensor."""
+    return twohot_nll(logits.float().log_softmax(-1), target, bins)
+
+
+def twohot_nll(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """``twohot_loss`` from log-probabilities ``logp [..., K]``: several targets against one
+    distribution share its ``log_softmax`` (forward and backward)."""
     below, above, w_hi = twohot_neighbours(symlog(target), bins)
-    logp = logits.float().log_softmax(-1)
     lp_lo = logp.gather(-1, below.unsqueeze(-1)).squeeze(-1)
     lp_hi = logp.gather(-1, above.unsqueeze(-1)).squeeze(-1)
     return -((1.0 - w_hi) * lp_lo + w_hi * lp_hi)

@@ -6,6 +6,8 @@ Rows store the action that led to them, so row t's ``action`` is exactly a_{t-1}
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,11 +159,15 @@ class RSSM(nn.Module):
         return deter, straight_through_draw(probs, noise)[0], probs.log()
 
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
-                state: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Posterior over a sequence: ``embed [B, T, E]``, ``action [B, T, A]``, ``is_first [B, T]``.
+                state: tuple[torch.Tensor, torch.Tensor] | None = None, noise: torch.Tensor | None = None,
+                compiled: bool = False) -> dict[str, torch.Tensor]:
+        """Posterior over a sequence: ``embed [B, T, E]``, ``action [B, T, A]``, ``is_first [B, T]``;
+        ``noise [B, T, S]`` uniform draws for the samples (fresh ones if None). ``compiled``: each step runs
+        as one torch.compile graph (forward and backward), see ``compiled_obs_step``.
 
         Returns ``deter [B, T, D]``, ``stoch [B, T, S, K]``, ``post``/``prior`` logits ``[B, T, S, K]``.
         """
+        step = compiled_obs_step(self) if compiled else self._obs_step
         B, T = embed.shape[:2]
         deter, stoch = state if state is not None else self.initial(B, embed.device)
         # Whatever needs no recurrence runs once for all T: the embedding's share of the posterior's
@@ -172,11 +178,24 @@ class RSSM(nn.Module):
         weights = self._step_weights()
         deters, stochs, posts = [], [], []
         for t in range(T):
-            deter, stoch, post = self._obs_step(deter, stoch, keep[:, t], action_in[:, t], embed_proj[:, t],
-                                                weights, None)
+            deter, stoch, post = step(deter, stoch, keep[:, t], action_in[:, t], embed_proj[:, t], weights,
+                                      None if noise is None else noise[:, t])
             deters.append(deter)
             stochs.append(stoch)
             posts.append(post)
         deter = torch.stack(deters, 1)
         return {"deter": deter, "stoch": torch.stack(stochs, 1), "post": torch.stack(posts, 1),
                 "prior": self.prior_logits(deter)}
+
+
+_COMPILED_STEPS: dict[int, Callable] = {}
+
+
+def compiled_obs_step(rssm: RSSM) -> Callable:
+    """``rssm._obs_step`` compiled (one graph per step shape, fused forward and backward). A sequence step
+    at B=16 is ~40 small ops whose per-op dispatch and autograd overhead is most of the world-model update;
+    inductor fuses the norms, gates and the posterior's softmax/sample into a few kernels. Its random
+    draws come from inductor's generator, so it matches the eager step in distribution, not draw by draw."""
+    if id(rssm) not in _COMPILED_STEPS:
+        _COMPILED_STEPS[id(rssm)] = torch.compile(rssm._obs_step, fullgraph=True, dynamic=False)
+    return _COMPILED_STEPS[id(rssm)]

@@ -205,6 +205,7 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
     metrics_acc: dict[str, list[float]] = {}
     consecutive_bad = 0
     stopped = "budget"
+    compiled: set[bool] = set()  # train_behavior values whose compiled graphs this process has built
 
     def save_checkpoint() -> Path:
         counters["wall_time"] = wall0 + time.perf_counter() - t0
@@ -237,11 +238,13 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
                     counters["owed"] -= 1.0
                     replay.sample(t.batch_size, t.seq_len, t.recency, out=out)
                     batch = {k: torch.as_tensor(v).to(device) for k, v in out.items()}
-                    if counters["updates"] == t.warmup_updates and t.engine in ("compile", "auto"):
-                        bar.update(counters["env_steps"], "compiling the dream rollout (first call, up to a minute; "
+                    behave = counters["updates"] >= t.warmup_updates
+                    if agent.compile_observe and behave not in compiled:  # first call of each graph
+                        compiled.add(behave)
+                        what = "dream rollout" if behave else "world model's posterior step"
+                        bar.update(counters["env_steps"], f"compiling the {what} (first call, up to a minute; "
                                    "cached on disk by torch.compile for later runs)")
-                    m = agent.train_step(batch, train_behavior=counters["updates"] >= t.warmup_updates,
-                                         update=counters["updates"])
+                    m = agent.train_step(batch, train_behavior=behave, update=counters["updates"])
                     counters["updates"] += 1
                     if m["health/skipped"]:
                         counters["skipped"] += 1

@@ -84,10 +84,12 @@ class WorldModel(nn.Module):
         """Predicted probability of continuing ``[...]``."""
         return torch.sigmoid(self.cont_head(feat, hot).squeeze(-1))
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
-        """World-model loss on a ``[B, T]`` batch: ``(loss, metrics, posterior states)``."""
+    def loss(self, batch: dict[str, torch.Tensor], compiled: bool = False
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        """World-model loss on a ``[B, T]`` batch: ``(loss, metrics, posterior states)`` (``compiled``:
+        see ``RSSM.observe``)."""
         embed = self.encode(batch)
-        out = self.rssm.observe(embed, batch["action"], batch["is_first"])
+        out = self.rssm.observe(embed, batch["action"], batch["is_first"], compiled=compiled)
         feat = self.rssm.feat(out["deter"], out["stoch"])
         losses: dict[str, torch.Tensor] = {}
         rec = torch.zeros((), device=feat.device)

@@ -13,8 +13,10 @@ from fastdream.nets import (
     symlog,
     twohot_bins,
     twohot_decode,
+    twohot_decode_logp,
     twohot_encode,
     twohot_loss,
+    twohot_nll,
     unimix_logits,
 )
 
@@ -155,6 +157,26 @@ def test_twohot_loss_is_the_cross_entropy_against_the_twohot_target():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_twohot_from_shared_log_probs_equals_the_logit_forms():
+    """The critic shares one log_softmax between its value and two losses: the log-prob forms must equal
+    ``twohot_decode``/``twohot_loss`` on the logits, and the summed losses' gradient too."""
+    bins = twohot_bins()
+    torch.manual_seed(1)
+    logits = (3 * torch.randn(5, 255)).requires_grad_(True)
+    a, b = torch.tensor([0.5, -2.0, 40.0, 0.0, -1e9]), torch.tensor([1.0, 7.0, -3.0, 2.5, 0.1])
+    logp = logits.log_softmax(-1)
+    shared = twohot_nll(logp, a, bins) + twohot_nll(logp, b, bins)
+    apart = twohot_loss(logits, a, bins) + twohot_loss(logits, b, bins)
+    torch.testing.assert_close(shared, apart)
+    torch.testing.assert_close(torch.autograd.grad(shared.sum(), logits)[0],
+                               torch.autograd.grad(apart.sum(), logits)[0])
+    torch.testing.assert_close(twohot_decode_logp(logp, bins), twohot_decode(logits, bins))
+    # Hand value: all mass on bin 200 decodes to exactly symexp(bins[200]).
+    peak = torch.full((1, 255), -1e4)
+    peak[0, 200] = 0.0
+    torch.testing.assert_close(twohot_decode_logp(peak.log_softmax(-1), bins), symexp(bins[200:201]))
+
+
 def test_twohot_decode_stays_fp32_under_bf16_autocast():
     bins = twohot_bins()
     logits = torch.full((3, 255), -50.0)
@@ -207,6 +229,35 @@ def test_rssm_observe_equals_the_plain_per_step_loop_in_values_and_gradients():
             assert a is None or torch.count_nonzero(a) == 0
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_rssm_observe_compiled_step_equals_eager_in_values_and_gradients():
+    """The compile engines run each posterior step as a compiled graph: given the same draws it must give
+    the eager sequence's states and parameter gradients (resets and fed noise included)."""
+    from fastdream.rssm import RSSM
+
+    torch.manual_seed(0)
+    B, T, E, A = 3, 5, 7, 2
+    rssm = RSSM(action_dim=A, embed_dim=E, deter=24, hidden=10, stoch=4, classes=5, blocks=4)
+    embed = torch.randn(B, T, E, requires_grad=True)
+    action = 3 * torch.randn(B, T, A)
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = True
+    is_first[2, 2] = True
+    noise = torch.rand(B, T, 4)
+    eager = rssm.observe(embed, action, is_first, noise=noise)
+    comp = rssm.observe(embed, action, is_first, noise=noise, compiled=True)
+    for k in ("deter", "stoch", "post", "prior"):
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5)
+    assert torch.equal(comp["stoch"].detach().argmax(-1), eager["stoch"].detach().argmax(-1))
+    params = [embed, *rssm.parameters()]
+    weights = {k: torch.randn_like(v) for k, v in eager.items()}
+
+    def grads(d):
+        return torch.autograd.grad(sum((d[k] * w).sum() for k, w in weights.items()), params, allow_unused=True)
+
+    for a, b in zip(grads(comp), grads(eager), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
