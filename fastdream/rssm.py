@@ -6,12 +6,11 @@ Rows store the action that led to them, so row t's ``action`` is exactly a_{t-1}
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdream import runtime
 from fastdream.kernels.reference import gru_gate_reference
 from fastdream.nets import (
     MLP,
@@ -163,11 +162,14 @@ class RSSM(nn.Module):
                 compiled: bool = False) -> dict[str, torch.Tensor]:
         """Posterior over a sequence: ``embed [B, T, E]``, ``action [B, T, A]``, ``is_first [B, T]``;
         ``noise [B, T, S]`` uniform draws for the samples (fresh ones if None). ``compiled``: each step runs
-        as one torch.compile graph (forward and backward), see ``compiled_obs_step``.
+        as one torch.compile graph (forward and backward).
 
         Returns ``deter [B, T, D]``, ``stoch [B, T, S, K]``, ``post``/``prior`` logits ``[B, T, S, K]``.
         """
-        step = compiled_obs_step(self) if compiled else self._obs_step
+        # Compiled: a B=16 step is ~40 small ops whose dispatch and autograd overhead is most of the
+        # world-model update; inductor fuses them into a few kernels, forward and backward. Its random
+        # draws come from inductor's generator: equal to eager in distribution, or exactly for fed noise.
+        step = runtime.compiled(self, "obs_step", self._obs_step) if compiled else self._obs_step
         B, T = embed.shape[:2]
         deter, stoch = state if state is not None else self.initial(B, embed.device)
         # Whatever needs no recurrence runs once for all T: the embedding's share of the posterior's
@@ -186,16 +188,3 @@ class RSSM(nn.Module):
         deter = torch.stack(deters, 1)
         return {"deter": deter, "stoch": torch.stack(stochs, 1), "post": torch.stack(posts, 1),
                 "prior": self.prior_logits(deter)}
-
-
-_COMPILED_STEPS: dict[int, Callable] = {}
-
-
-def compiled_obs_step(rssm: RSSM) -> Callable:
-    """``rssm._obs_step`` compiled (one graph per step shape, fused forward and backward). A sequence step
-    at B=16 is ~40 small ops whose per-op dispatch and autograd overhead is most of the world-model update;
-    inductor fuses the norms, gates and the posterior's softmax/sample into a few kernels. Its random
-    draws come from inductor's generator, so it matches the eager step in distribution, not draw by draw."""
-    if id(rssm) not in _COMPILED_STEPS:
-        _COMPILED_STEPS[id(rssm)] = torch.compile(rssm._obs_step, fullgraph=True, dynamic=False)
-    return _COMPILED_STEPS[id(rssm)]

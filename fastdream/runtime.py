@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -28,3 +31,16 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 2**3
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+_COMPILED: dict[tuple[int, str], Callable] = {}
+
+
+def compiled(owner: object, name: str, fn: Callable) -> Callable:
+    """``torch.compile(fn)`` (full graph, static shapes) built once per ``(owner, name)``: the training
+    loop's hot pieces (the posterior step, the image encoder/decoder) compile on first use and stay out
+    of the modules, so state dicts and checkpoints do not change. The cache keeps ``owner`` alive."""
+    key = (id(owner), name)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[key]
