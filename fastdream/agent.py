@@ -49,8 +49,8 @@ class Agent(torch.nn.Module):
         self.precision = precision
         self.dream_starts = dream_starts  # 0: dream from every posterior state of the batch
         self.engine = engine
-        # The compile engines also compile the world model's posterior step (see RSSM.observe).
-        self.compile_observe = engine in ("compile", "auto")
+        # The compile engines also compile the world-model loss's hot pieces (see WorldModel.loss).
+        self.compile_world_model = engine in ("compile", "auto")
         self.schedule = schedule or HorizonSchedule("fixed", horizon=horizon)
         self.wm, self.behavior = world_model, behavior
         self.horizon, self.discrete, self.num_envs = horizon, discrete, num_envs
@@ -129,7 +129,7 @@ class Agent(torch.nn.Module):
         every posterior state. Non-finite losses skip the update and report ``health/skipped = 1``.
         """
         with self._autocast():
-            wm_loss, metrics, states = self.wm.loss(batch, compiled=self.compile_observe)
+            wm_loss, metrics, states = self.wm.loss(batch, compiled=self.compile_world_model)
         if not torch.isfinite(wm_loss):
             return {"health/skipped": 1.0, "wm/loss": float(wm_loss.detach())}
         wm_params = [p for p in self.wm.parameters() if p.requires_grad]
