@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdream import runtime
 from fastdream.nets import (
     MLP,
     Hot,
@@ -68,15 +67,13 @@ class WorldModel(nn.Module):
         self.cont_head = MLP(f, units, layers, 1)
         self.register_buffer("bins", twohot_bins(num_bins), persistent=False)
 
-    def encode(self, obs: dict[str, torch.Tensor], compiled: bool = False) -> torch.Tensor:
-        """``{vector [..., V], image [..., 64, 64, 3]}`` → embedding ``[..., E]`` (``compiled``: the
-        image encoder runs as a compiled graph)."""
+    def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``{vector [..., V], image [..., 64, 64, 3]}`` → embedding ``[..., E]``."""
         parts = []
         if self.vector_dim:
             parts.append(self.vec_enc(symlog(obs["vector"])))
         if self.image:
-            enc = runtime.compiled(self.img_enc, "forward", self.img_enc) if compiled else self.img_enc
-            parts.append(enc(obs["image"]))
+            parts.append(self.img_enc(obs["image"]))
         return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
     def reward(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
@@ -96,11 +93,9 @@ class WorldModel(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor], compiled: bool = False, noise: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """World-model loss on a ``[B, T]`` batch: ``(loss, metrics, posterior states)``. ``compiled``: the
-        posterior steps (``RSSM.observe``), the image encoder and the image loss run as compiled graphs.
-        Image encoder + decoder + loss, forward and backward, B16×T64, bf16: 0.87 → 0.67–0.71 s measured;
-        compiling the conv modules alone gained nothing, the fused loss elementwise work is the gain.
+        posterior steps (``RSSM.observe``) run as compiled graphs.
         ``noise [B, T, S]``: the posterior draws (fresh ones if None)."""
-        embed = self.encode(batch, compiled)
+        embed = self.encode(batch)
         out = self.rssm.observe(embed, batch["action"], batch["is_first"], noise=noise, compiled=compiled)
         feat = self.rssm.feat(out["deter"], out["stoch"])
         losses: dict[str, torch.Tensor] = {}
@@ -109,8 +104,7 @@ class WorldModel(nn.Module):
             losses["rec_vector"] = ((self.vec_dec(feat) - symlog(batch["vector"])) ** 2).sum(-1).mean()
             rec = rec + losses["rec_vector"]
         if self.image:
-            rec_image = runtime.compiled(self, "rec_image", self.rec_image) if compiled else self.rec_image
-            losses["rec_image"] = rec_image(feat, batch["image"])
+            losses["rec_image"] = self.rec_image(feat, batch["image"])
             rec = rec + losses["rec_image"]
         losses["reward"] = twohot_loss(self.reward_head(feat), batch["reward"], self.bins).mean()
         cont_target = (~batch["is_terminal"]).float()
