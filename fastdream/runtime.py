@@ -37,9 +37,9 @@ _COMPILED: dict[tuple[int, str], Callable] = {}
 
 
 def compiled(owner: object, name: str, fn: Callable) -> Callable:
-    """``torch.compile(fn)`` (full graph, static shapes) built once per ``(owner, name)``: the training
-    loop's hot pieces (the posterior step, the image encoder/decoder) compile on first use and stay out
-    of the modules, so state dicts and checkpoints do not change. The cache keeps ``owner`` alive."""
+    """``torch.compile(fn)`` (full graph, static shapes) built once per ``(owner, name)``: a training
+    loop's hot piece (the world model's posterior step) compiles on first use and stays out of the
+    modules, so state dicts and checkpoints do not change. The cache keeps ``owner`` alive."""
     key = (id(owner), name)
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False)

@@ -84,12 +84,6 @@ class WorldModel(nn.Module):
         """Predicted probability of continuing ``[...]``."""
         return torch.sigmoid(self.cont_head(feat, hot).squeeze(-1))
 
-    def rec_image(self, feat: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Image reconstruction loss ``[]``: squared error of the decoded ``feat [B, T, F]`` against
-        ``image [B, T, 64, 64, 3]`` uint8 (centred: pixels/255 − 0.5), summed per image, mean over images."""
-        target = image.float() / 255.0 - 0.5
-        return ((self.img_dec(feat) - target) ** 2).sum((-3, -2, -1)).mean()
-
     def loss(self, batch: dict[str, torch.Tensor], compiled: bool = False, noise: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """World-model loss on a ``[B, T]`` batch: ``(loss, metrics, posterior states)``. ``compiled``: the
@@ -104,7 +98,8 @@ class WorldModel(nn.Module):
             losses["rec_vector"] = ((self.vec_dec(feat) - symlog(batch["vector"])) ** 2).sum(-1).mean()
             rec = rec + losses["rec_vector"]
         if self.image:
-            losses["rec_image"] = self.rec_image(feat, batch["image"])
+            target = batch["image"].float() / 255.0 - 0.5
+            losses["rec_image"] = ((self.img_dec(feat) - target) ** 2).sum((-3, -2, -1)).mean()
             rec = rec + losses["rec_image"]
         losses["reward"] = twohot_loss(self.reward_head(feat), batch["reward"], self.bins).mean()
         cont_target = (~batch["is_terminal"]).float()
