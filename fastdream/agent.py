@@ -155,7 +155,7 @@ class Agent(torch.nn.Module):
                 traj = imagine(self.wm, self.behavior.actor, starts, horizon, engine=self.engine,
                                grad=not self.discrete, dense_feat=False)
                 traj["start_cont"] = start_cont
-                actor_loss, critic_loss, bm = self.behavior.losses(traj)
+                actor_loss, critic_loss, bm = self.behavior.losses(traj, compiled=self.engine in ("compile", "auto"))
             metrics.update(bm)
             if not (torch.isfinite(actor_loss) and torch.isfinite(critic_loss)):
                 metrics["health/skipped"] = torch.tensor(1.0)

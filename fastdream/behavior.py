@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from fastdream import runtime
 from fastdream.nets import (
     MLP,
     Hot,
@@ -113,6 +114,9 @@ class Critic(nn.Module):
     def value(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
         return twohot_decode(self.net(feat, hot), self.bins)
 
+    def logp(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
+        """fp32 log-probabilities over the bins ``[..., K]``: values and both critic losses read them."""
+        return self.net(feat, hot).float().log_softmax(-1)
 
 
 class Behavior(nn.Module):
@@ -136,24 +140,29 @@ class Behavior(nn.Module):
         for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters(), strict=True):
             slow.lerp_(fast, self.slow_rate)
 
-    def losses(self, traj: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def losses(self, traj: dict[str, torch.Tensor], compiled: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Actor and critic losses on an imagined trajectory.
 
         ``traj``: ``feat [N, H+1, F]``, ``action [N, H, A]``, ``reward [N, H]`` and ``cont [N, H]``
         (predicted at s_1..s_H), ``start_cont [N]``; optional ``index [N, H+1, S]`` and ``classes`` (the
         stoch classes, from ``dream.imagine``) let the critics gather instead of multiplying by one-hots.
+        ``compiled``: the critic's and the slow critic's passes run as compiled graphs (forward and
+        backward), each read by one loss only, so the two separate gradient calls stay possible.
         """
+        critic_logp = runtime.compiled(self.critic, "logp", self.critic.logp) if compiled else self.critic.logp
+        slow_value = (runtime.compiled(self.slow_critic, "value", self.slow_critic.value) if compiled
+                      else self.slow_critic.value)
         feat = traj["feat"]
         index = traj.get("index")
         H = traj["action"].shape[1]
         hot_all = None if index is None else (index, traj["classes"])
         hot = None if index is None else (index[:, :H], traj["classes"])
         # One critic pass over all H+1 states serves both the return targets and the critic loss.
-        critic_logits = self.critic(feat if not self.discrete else feat.detach(), hot_all)  # [N, H+1, K]
         # One log_softmax serves the values and (discrete) both critic losses, forward and backward.
-        critic_logp = critic_logits.float().log_softmax(-1)
+        logp_all = critic_logp(feat if not self.discrete else feat.detach(), hot_all)  # [N, H+1, K]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.discrete):
-            value = twohot_decode_logp(critic_logp, self.critic.bins)  # discrete: only read detached
+            value = twohot_decode_logp(logp_all, self.critic.bins)  # discrete: only read detached
         ret = lambda_return(traj["reward"], traj["cont"], value if not self.discrete else value.detach(),
                             self.gamma, self.lam)
         state_cont = torch.cat([traj["start_cont"][:, None], traj["cont"]], 1)
@@ -171,11 +180,9 @@ class Behavior(nn.Module):
             actor_obj = (ret - base) / scale
         actor_loss = -(weight * (actor_obj + self.entropy_scale * ent)).mean()
         with torch.no_grad():
-            slow = self.slow_critic.value(feat[:, :H].detach(), hot)
-        if self.discrete:
-            logp = critic_logp[:, :H]
-        else:
-            logp = self.critic(feat[:, :H].detach(), hot).float().log_softmax(-1)
+            slow = slow_value(feat[:, :H].detach(), hot)
+        # Continuous: the values above carry the actor's gradient, so the critic loss reads its own pass.
+        logp = logp_all[:, :H] if self.discrete else critic_logp(feat[:, :H].detach(), hot)
         critic_nll = twohot_nll(logp, ret.detach(), self.critic.bins)
         slow_nll = twohot_nll(logp, slow, self.critic.bins)
         critic_loss = (weight * (critic_nll + self.slow_reg * slow_nll)).mean()

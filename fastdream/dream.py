@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdream import runtime
 from fastdream.behavior import Actor
 from fastdream.rssm import RSSM
 from fastdream.world_model import WorldModel
@@ -116,19 +117,14 @@ def _feat_from_index(deter: torch.Tensor, index: torch.Tensor, classes: int) -> 
     return feat
 
 
-_COMPILED: dict[tuple, Callable] = {}
 _GRAPHS: dict[tuple, tuple] = {}
 
 
 def _compiled(world_model: WorldModel, actor: Actor, onehot: bool) -> Callable:
-    key = (id(world_model), id(actor), onehot)
-    if key not in _COMPILED:
-        def fn(deter, stoch, noise_stoch, noise_action):
-            return _rollout(world_model, actor, deter, stoch, noise_stoch, noise_action, onehot=onehot)
+    def fn(deter, stoch, noise_stoch, noise_action):
+        return _rollout(world_model, actor, deter, stoch, noise_stoch, noise_action, onehot=onehot)
 
-        # fullgraph: a graph break would silently fall back to Python between steps.
-        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _COMPILED[key]
+    return runtime.compiled((world_model, actor), f"rollout onehot={onehot}", fn)
 
 
 def _heads(world_model: WorldModel, nxt: torch.Tensor, index: torch.Tensor | None
@@ -141,11 +137,7 @@ def _heads(world_model: WorldModel, nxt: torch.Tensor, index: torch.Tensor | Non
 def _compiled_heads(world_model: WorldModel) -> Callable:
     """``_heads`` compiled (no-grad dreams of the compile engine): inductor fuses the heads' norms,
     activations and the two-hot softmax/decode, which measured ~45 ms eager at N=1024, H=15, xs."""
-    key = ("heads", id(world_model))
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(lambda nxt, index: _heads(world_model, nxt, index), fullgraph=True,
-                                       dynamic=False)
-    return _COMPILED[key]
+    return runtime.compiled(world_model, "dream heads", lambda nxt, index: _heads(world_model, nxt, index))
 
 
 def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch, noise_action, onehot: bool):
@@ -240,8 +232,9 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
     if augment is not None:
         feat, index = augment(feat), None  # an augmentation may leave the one-hot layout
     nxt = feat[:, 1:]
-    logprob, entropy = policy.log_prob(feat[:, :-1] if grad else feat[:, :-1].detach(), action.detach(),
-                                       None if index is None else (index[:, :-1], k))
+    log_prob = runtime.compiled(policy, "log_prob", policy.log_prob) if engine == "compile" else policy.log_prob
+    logprob, entropy = log_prob(feat[:, :-1] if grad else feat[:, :-1].detach(), action.detach(),
+                                None if index is None else (index[:, :-1], k))
     # Without gradients through the dynamics the world-model heads need no graph either.
     with torch.set_grad_enabled(grad):
         nxt_index = None if index is None else index[:, 1:]

@@ -33,14 +33,17 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 2**3
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
-_COMPILED: dict[tuple[int, str], Callable] = {}
+_COMPILED: dict[tuple, tuple[Callable, tuple]] = {}
 
 
-def compiled(owner: object, name: str, fn: Callable) -> Callable:
-    """``torch.compile(fn)`` (full graph, static shapes) built once per ``(owner, name)``: a training
-    loop's hot piece (the world model's posterior step) compiles on first use and stays out of the
-    modules, so state dicts and checkpoints do not change. The cache keeps ``owner`` alive."""
-    key = (id(owner), name)
+def compiled(owners: object | tuple, name: str, fn: Callable) -> Callable:
+    """``torch.compile(fn)`` (full graph, static shapes) built once per ``(owners, name)``: a training
+    loop's hot pieces (the posterior step, the dream rollout, the dream's reward/continue heads)
+    compile on first use and stay out of the modules, so state dicts and checkpoints do not change.
+    ``owners`` is the module or tuple of modules ``fn`` closes over; the cache keeps them alive."""
+    owners = owners if isinstance(owners, tuple) else (owners,)
+    key = (*(id(o) for o in owners), name)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False)
-    return _COMPILED[key]
+        # fullgraph: a graph break would silently fall back to Python between ops.
+        _COMPILED[key] = (torch.compile(fn, fullgraph=True, dynamic=False), owners)
+    return _COMPILED[key][0]

@@ -85,6 +85,38 @@ def test_onehot_gathers_give_the_dense_dream_and_losses(discrete):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("discrete", [True, False])
+def test_compiled_behaviour_losses_match_eager(discrete):
+    """The compiled critic/slow-critic passes give the eager losses and, in the Agent's two separate
+    gradient calls (actor, then critic), the eager gradients."""
+    from fastdream.behavior import Behavior
+
+    wm, actor, starts, noise = tiny(discrete)
+    beh = Behavior(wm.rssm.feat_dim, 2, discrete, units=16, layers=1)
+    beh.actor = actor
+    with torch.no_grad():  # non-zero critic heads, so the value path carries real numbers
+        for p in beh.critic.parameters():
+            p.normal_(0.0, 0.3)
+        beh.slow_critic.load_state_dict(beh.critic.state_dict())
+    outs = []
+    for engine, compiled in (("eager", False), ("compile", True)):
+        traj = imagine(wm, actor, starts, 3, engine=engine, grad=not discrete, noise=noise)
+        traj["start_cont"] = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+        beh.ret_lo.zero_()
+        beh.ret_hi.zero_()
+        actor_loss, critic_loss, m = beh.losses(traj, compiled=compiled)
+        ga = torch.autograd.grad(actor_loss, list(actor.parameters()), allow_unused=True)
+        gc = torch.autograd.grad(critic_loss, list(beh.critic.parameters()))
+        outs.append((actor_loss, critic_loss, m["behavior/value"], ga, gc))
+    (ra, rc, rv, rga, rgc), (oa, oc, ov, oga, ogc) = outs
+    assert float(rc.detach()) > 0.1 and abs(float(rv)) > 1e-3  # the comparison is not of zeros
+    torch.testing.assert_close((oa, oc, ov), (ra, rc, rv), rtol=1e-4, atol=1e-5)
+    for a, b in zip(oga + ogc, rga + rgc, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 def test_compiled_rollout_has_no_graph_breaks():
     import torch._dynamo as dynamo
 
