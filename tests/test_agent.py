@@ -54,6 +54,39 @@ def test_shapes_and_one_update(env_id, obs):
     env.step(actions)
 
 
+def test_update_of_conv_weights_equals_plain_adam():
+    """The agent's world-model step (fused Adam, clipping) moves every weight, conv weights included,
+    exactly as torch's plain per-tensor Adam does with the same gradients. Conv weight gradients come
+    back channels-last here, and the fused Adam misread them before the agent matched their layout."""
+    import copy
+
+    env = make_env("CartPole-v1", num_envs=2, obs="pixels")
+    agent = build_agent(apply(Config(), {**TINY, "env.obs": "pixels"}), env)
+    wm = agent.wm
+    params = [p for p in wm.parameters() if p.requires_grad]
+    loss, _, _ = wm.loss(collect_batch(env))
+    grads = [g.detach() for g in torch.autograd.grad(loss, params)]
+    # A surrogate loss whose gradient is exactly ``grads`` in their own layout (channels-last convs):
+    # Adam amplifies the last-bit differences between two evaluations of the real loss.
+    surrogate = lambda: sum((p * g).sum() for p, g in zip(params, grads, strict=True))  # noqa: E731
+    layouts = [g.stride() == p.stride() for p, g in
+               zip(params, torch.autograd.grad(surrogate(), params), strict=True) if p.dim() == 4]
+    assert layouts and not all(layouts)
+    ref = copy.deepcopy(params)
+    cfg = agent.opt_cfg["wm"]
+    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    for r, g in zip(ref, grads, strict=True):
+        r.grad = (g * min(1.0, cfg.clip / (norm + 1e-6))).contiguous()
+    torch.optim.Adam(ref, lr=cfg.lr, eps=cfg.eps, foreach=False, fused=False).step()
+    before = [p.detach().clone() for p in params]
+    agent._step("wm", surrogate(), params)
+    names = [n for n, p in wm.named_parameters() if p.requires_grad]
+    for name, p, r, b in zip(names, params, ref, before, strict=True):
+        if p.dim() == 4:
+            assert not torch.equal(p, b), name  # the conv weights did move
+        torch.testing.assert_close(p, r.detach(), rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_non_finite_batch_skips_the_update_and_leaves_weights_alone():
     env = make_env("CartPole-v1", 2, seed=0)
     cfg = apply(Config(), {**TINY, "env.num_envs": 2})
