@@ -49,8 +49,9 @@ class Agent(torch.nn.Module):
         self.precision = precision
         self.dream_starts = dream_starts  # 0: dream from every posterior state of the batch
         self.engine = engine
-        # The compile engines also compile the world model's posterior steps (see WorldModel.loss).
-        self.compile_world_model = engine in ("compile", "auto")
+        # The compile engines also compile the world model's posterior steps (see WorldModel.loss) and the
+        # behaviour's critic passes (see Behavior.losses), besides the dream itself.
+        self.compiled = engine in ("compile", "auto")
         self.schedule = schedule or HorizonSchedule("fixed", horizon=horizon)
         self.wm, self.behavior = world_model, behavior
         self.horizon, self.discrete, self.num_envs = horizon, discrete, num_envs
@@ -132,7 +133,7 @@ class Agent(torch.nn.Module):
         every posterior state. Non-finite losses skip the update and report ``health/skipped = 1``.
         """
         with self._autocast():
-            wm_loss, metrics, states = self.wm.loss(batch, compiled=self.compile_world_model)
+            wm_loss, metrics, states = self.wm.loss(batch, compiled=self.compiled)
         if not torch.isfinite(wm_loss):
             return {"health/skipped": 1.0, "wm/loss": float(wm_loss.detach())}
         wm_params = [p for p in self.wm.parameters() if p.requires_grad]
@@ -155,7 +156,7 @@ class Agent(torch.nn.Module):
                 traj = imagine(self.wm, self.behavior.actor, starts, horizon, engine=self.engine,
                                grad=not self.discrete, dense_feat=False)
                 traj["start_cont"] = start_cont
-                actor_loss, critic_loss, bm = self.behavior.losses(traj, compiled=self.engine in ("compile", "auto"))
+                actor_loss, critic_loss, bm = self.behavior.losses(traj, compiled=self.compiled)
             metrics.update(bm)
             if not (torch.isfinite(actor_loss) and torch.isfinite(critic_loss)):
                 metrics["health/skipped"] = torch.tensor(1.0)

@@ -158,8 +158,8 @@ class Behavior(nn.Module):
         H = traj["action"].shape[1]
         hot_all = None if index is None else (index, traj["classes"])
         hot = None if index is None else (index[:, :H], traj["classes"])
-        # One critic pass over all H+1 states serves both the return targets and the critic loss.
-        # One log_softmax serves the values and (discrete) both critic losses, forward and backward.
+        # One critic pass and log_softmax over all H+1 states serves the values and (discrete) both
+        # critic losses, forward and backward.
         logp_all = critic_logp(feat if not self.discrete else feat.detach(), hot_all)  # [N, H+1, K]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.discrete):
             value = twohot_decode_logp(logp_all, self.critic.bins)  # discrete: only read detached

@@ -38,9 +38,10 @@ _COMPILED: dict[tuple, tuple[Callable, tuple]] = {}
 
 def compiled(owners: object | tuple, name: str, fn: Callable) -> Callable:
     """``torch.compile(fn)`` (full graph, static shapes) built once per ``(owners, name)``: a training
-    loop's hot pieces (the posterior step, the dream rollout, the dream's reward/continue heads)
-    compile on first use and stay out of the modules, so state dicts and checkpoints do not change.
-    ``owners`` is the module or tuple of modules ``fn`` closes over; the cache keeps them alive."""
+    loop's hot pieces (the posterior step, the dream rollout and its reward/continue heads, the actor's
+    log-probabilities, the critic's passes) compile on first use and stay out of the modules, so state
+    dicts and checkpoints do not change. ``owners``: the module or tuple of modules ``fn`` closes over
+    (the cache keeps them alive)."""
     owners = owners if isinstance(owners, tuple) else (owners,)
     key = (*(id(o) for o in owners), name)
     if key not in _COMPILED:

@@ -239,7 +239,7 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
                     replay.sample(t.batch_size, t.seq_len, t.recency, out=out)
                     batch = {k: torch.as_tensor(v).to(device) for k, v in out.items()}
                     behave = counters["updates"] >= t.warmup_updates
-                    if agent.compile_world_model and behave not in compiled:  # first call of each graph
+                    if agent.compiled and behave not in compiled:  # first call of each graph
                         compiled.add(behave)
                         what = "dream rollout" if behave else "world model"
                         bar.update(counters["env_steps"], f"compiling the {what} (first call, up to a minute; "
