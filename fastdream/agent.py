@@ -49,8 +49,8 @@ class Agent(torch.nn.Module):
         self.precision = precision
         self.dream_starts = dream_starts  # 0: dream from every posterior state of the batch
         self.engine = engine
-        # The compile engines also compile the world model's posterior steps (see WorldModel.loss) and the
-        # behaviour's critic passes (see Behavior.losses), besides the dream itself.
+        # The compile engines also compile the world model's posterior steps and image nets (see
+        # WorldModel.loss) and the behaviour's critic passes (see Behavior.losses), besides the dream.
         self.compiled = engine in ("compile", "auto")
         self.schedule = schedule or HorizonSchedule("fixed", horizon=horizon)
         self.wm, self.behavior = world_model, behavior

@@ -76,8 +76,8 @@ def _load_config(args: argparse.Namespace):
         if args.env:
             direct["env.id"] = args.env
         for flag, key in (("envs", "env.num_envs"), ("obs", "env.obs"), ("steps", "train.steps"),
-                          ("train_ratio", "train.train_ratio"), ("seed", "train.seed"), ("device", "train.device"),
-                          ("engine", "train.engine"), ("precision", "train.precision")):
+                          ("minutes", "train.minutes"), ("train_ratio", "train.train_ratio"), ("seed", "train.seed"),
+                          ("device", "train.device"), ("engine", "train.engine"), ("precision", "train.precision")):
             if getattr(args, flag) is not None:
                 direct[key] = getattr(args, flag)
         cfg = apply(cfg, direct)
@@ -105,12 +105,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ignored = [f for f in ("env", "envs", "preset", "obs", "train_ratio", "seed", "device", "engine", "precision")
                    if getattr(args, f) is not None] + (["set"] if args.set else [])
         if ignored:
-            raise CliError(f"--resume continues the saved config; only --steps may change it (got {ignored})")
+            raise CliError(f"--resume continues the saved config; only --steps and --minutes may change it "
+                           f"(got {ignored})")
         from fastdream.config import Config
 
         cfg = Config.from_dict(checkpoint.load(run_dir, with_replay=False)[0]["config"])
         if args.steps is not None:
             cfg.train.steps = args.steps
+        if args.minutes is not None:
+            cfg.train.minutes = args.minutes
     else:
         cfg = _load_config(args)
         run_dir = Path(args.logdir or f"runs/{cfg.env.id}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -120,7 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"{cfg.train.steps:,} steps budget, target {cfg.env.target_return:g}, run dir {run_dir}")
     try:
         res = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
-                    steps=args.steps if args.resume else None)
+                    steps=args.steps if args.resume else None, minutes=args.minutes if args.resume else None)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     except UnhealthyRun as exc:
@@ -196,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless one is given)")
     t.add_argument("--obs", default=None, choices=["vector", "pixels", "both"], help="observation kind")
     t.add_argument("--steps", type=int, default=None, help="env-step budget")
+    t.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget in minutes, counted across --resume (default: none)")
     t.add_argument("--train-ratio", type=float, default=None, help="replayed steps per env step")
     t.add_argument("--logdir", default=None, help="run directory (default: runs/<env>-<time>)")
     t.add_argument("--seed", type=int, default=None)

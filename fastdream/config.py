@@ -33,6 +33,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     steps: int = 300_000  # env-step budget
+    minutes: float = 0.0  # wall-clock budget in minutes, counted across resumes (0: none)
     train_ratio: float = 64.0  # replayed steps per env step (updates per env step = ratio / (B*T))
     batch_size: int = 16  # B sequences per update
     seq_len: int = 64  # T steps per sequence
@@ -181,27 +182,30 @@ def apply_sets(cfg: Config, items: list[str]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Raises ValueError naming the first out-of-range value."""
+    e, m, t = cfg.env, cfg.model, cfg.train
     checks = [
-        (cfg.env.num_envs >= 1, "env.num_envs must be >= 1"),
-        (cfg.env.obs in ("vector", "pixels", "both"), "env.obs must be vector, pixels or both"),
-        (cfg.train.batch_size >= 1 and cfg.train.seq_len >= 2, "train.batch_size >= 1 and train.seq_len >= 2"),
-        (cfg.train.train_ratio > 0, "train.train_ratio must be > 0"),
-        (cfg.train.horizon >= 1, "train.horizon must be >= 1"),
-        (cfg.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
-        (cfg.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
-        (cfg.train.engine in ("eager", "compile", "triton", "cudagraph", "auto"),
-         "train.engine must be eager, compile, triton, cudagraph or auto"),
-        (cfg.train.horizon_mode in ("fixed", "ramp", "budget"), "train.horizon_mode must be fixed, ramp or budget"),
-        (cfg.model.deter % cfg.model.blocks == 0, "model.deter must be divisible by model.blocks"),
-        (cfg.train.replay_capacity // cfg.env.num_envs >= cfg.train.seq_len,
-         "train.replay_capacity // env.num_envs must be >= train.seq_len"),
-        (0.0 <= cfg.train.recency <= 1.0, "train.recency must be in [0, 1]"),
-        (cfg.train.eval_episodes >= 1, "train.eval_episodes must be >= 1"),
+        (e.num_envs >= 1, "env.num_envs must be >= 1", e.num_envs),
+        (e.obs in ("vector", "pixels", "both"), "env.obs must be vector, pixels or both", e.obs),
+        (t.batch_size >= 1 and t.seq_len >= 2, "train.batch_size >= 1 and train.seq_len >= 2",
+         (t.batch_size, t.seq_len)),
+        (t.train_ratio > 0, "train.train_ratio must be > 0", t.train_ratio),
+        (t.horizon >= 1, "train.horizon must be >= 1", t.horizon),
+        (t.minutes >= 0, "train.minutes must be >= 0 (0: no wall-clock budget)", t.minutes),
+        (t.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda", t.device),
+        (t.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16", t.precision),
+        (t.engine in ("eager", "compile", "triton", "cudagraph", "auto"),
+         "train.engine must be eager, compile, triton, cudagraph or auto", t.engine),
+        (t.horizon_mode in ("fixed", "ramp", "budget"), "train.horizon_mode must be fixed, ramp or budget",
+         t.horizon_mode),
+        (m.deter % m.blocks == 0, "model.deter must be divisible by model.blocks", (m.deter, m.blocks)),
+        (t.replay_capacity // e.num_envs >= t.seq_len, "train.replay_capacity // env.num_envs must be >= "
+         "train.seq_len", (t.replay_capacity, e.num_envs, t.seq_len)),
+        (0.0 <= t.recency <= 1.0, "train.recency must be in [0, 1]", t.recency),
+        (t.eval_episodes >= 1, "train.eval_episodes must be >= 1", t.eval_episodes),
     ]
-    for ok, msg in checks:
+    for ok, msg, got in checks:
         if not ok:
-            raise ValueError(msg)
+            raise ValueError(f"{msg}, got {got!r}")
     from fastdream.dream import HorizonSchedule
 
-    t = cfg.train
     HorizonSchedule(t.horizon_mode, t.horizon, t.h_min, t.h_max, t.ramp_start, t.ramp_end, t.dream_budget)

@@ -134,12 +134,13 @@ def _set_rng_state(state: dict[str, Any], policy: RandomPolicy) -> None:
 
 
 def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True,
-          stop_at_env_steps: int | None = None, steps: int | None = None, log_fn=None) -> TrainResult:
+          stop_at_env_steps: int | None = None, steps: int | None = None, minutes: float | None = None,
+          log_fn=None) -> TrainResult:
     """Trains an agent as ``cfg`` says; returns a TrainResult.
 
-    ``resume`` continues ``run_dir`` with its saved config (``cfg`` may be None); ``steps`` then
-    overrides the saved env-step budget. ``stop_at_env_steps`` checkpoints and returns once that many
-    env steps are done, as Ctrl-C would.
+    ``resume`` continues ``run_dir`` with its saved config (``cfg`` may be None); ``steps`` and
+    ``minutes`` then override the saved env-step and wall-clock budgets. ``stop_at_env_steps``
+    checkpoints and returns once that many env steps are done, as Ctrl-C would.
     """
     run_dir = Path(run_dir)
     state = None
@@ -150,6 +151,8 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
         raise ValueError("train() needs a config unless it resumes a run")
     if steps is not None:
         cfg.train.steps = steps
+    if minutes is not None:
+        cfg.train.minutes = minutes
     validate(cfg)
     t = cfg.train
     if t.threads:
@@ -222,6 +225,9 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
                 break
             if stop_at_env_steps is not None and counters["env_steps"] >= stop_at_env_steps:
                 stopped = "stop_at"
+                break
+            if t.minutes > 0 and wall0 + time.perf_counter() - t0 >= 60.0 * t.minutes:
+                stopped = "time_budget"
                 break
             training = counters["env_steps"] >= t.prefill
             collector.policy = agent.policy if training else random_policy

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdream import runtime
 from fastdream.nets import (
     MLP,
     Hot,
@@ -67,13 +68,15 @@ class WorldModel(nn.Module):
         self.cont_head = MLP(f, units, layers, 1)
         self.register_buffer("bins", twohot_bins(num_bins), persistent=False)
 
-    def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``{vector [..., V], image [..., 64, 64, 3]}`` → embedding ``[..., E]``."""
+    def encode(self, obs: dict[str, torch.Tensor], compiled: bool = False) -> torch.Tensor:
+        """``{vector [..., V], image [..., 64, 64, 3]}`` → embedding ``[..., E]`` (``compiled``: the
+        image encoder runs as a compiled graph)."""
         parts = []
         if self.vector_dim:
             parts.append(self.vec_enc(symlog(obs["vector"])))
         if self.image:
-            parts.append(self.img_enc(obs["image"]))
+            enc = runtime.compiled(self.img_enc, "forward", self.img_enc) if compiled else self.img_enc
+            parts.append(enc(obs["image"]))
         return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
     def reward(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
@@ -84,12 +87,19 @@ class WorldModel(nn.Module):
         """Predicted probability of continuing ``[...]``."""
         return torch.sigmoid(self.cont_head(feat, hot).squeeze(-1))
 
+    def rec_image(self, feat: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Image reconstruction loss ``[]``: squared error of the decoded ``feat [B, T, F]`` against
+        ``image [B, T, 64, 64, 3]`` uint8 (centred: pixels/255 − 0.5), summed per image, mean over images."""
+        target = image.float() / 255.0 - 0.5
+        return ((self.img_dec(feat) - target) ** 2).sum((-3, -2, -1)).mean()
+
     def loss(self, batch: dict[str, torch.Tensor], compiled: bool = False, noise: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """World-model loss on a ``[B, T]`` batch: ``(loss, metrics, posterior states)``. ``compiled``: the
-        posterior steps (``RSSM.observe``) run as compiled graphs.
+        posterior steps (``RSSM.observe``), the image encoder and the image loss (decoder + squared error,
+        one graph: its elementwise work is the gain) run as compiled graphs.
         ``noise [B, T, S]``: the posterior draws (fresh ones if None)."""
-        embed = self.encode(batch)
+        embed = self.encode(batch, compiled)
         out = self.rssm.observe(embed, batch["action"], batch["is_first"], noise=noise, compiled=compiled)
         feat = self.rssm.feat(out["deter"], out["stoch"])
         losses: dict[str, torch.Tensor] = {}
@@ -98,8 +108,8 @@ class WorldModel(nn.Module):
             losses["rec_vector"] = ((self.vec_dec(feat) - symlog(batch["vector"])) ** 2).sum(-1).mean()
             rec = rec + losses["rec_vector"]
         if self.image:
-            target = batch["image"].float() / 255.0 - 0.5
-            losses["rec_image"] = ((self.img_dec(feat) - target) ** 2).sum((-3, -2, -1)).mean()
+            rec_image = runtime.compiled(self, "rec_image", self.rec_image) if compiled else self.rec_image
+            losses["rec_image"] = rec_image(feat, batch["image"])
             rec = rec + losses["rec_image"]
         losses["reward"] = twohot_loss(self.reward_head(feat), batch["reward"], self.bins).mean()
         cont_target = (~batch["is_terminal"]).float()

@@ -24,7 +24,7 @@ def test_help_lists_commands_and_flags():
         assert cmd in r.stdout
     r = run("train", "--help")
     assert r.returncode == 0
-    for flag in ("--env", "--envs", "--preset", "--obs", "--steps", "--train-ratio", "--logdir", "--seed",
+    for flag in ("--env", "--envs", "--preset", "--obs", "--steps", "--minutes", "--train-ratio", "--logdir", "--seed",
                  "--device", "--resume", "--set"):
         assert flag in r.stdout
 
@@ -35,7 +35,8 @@ def test_help_lists_commands_and_flags():
     (["train", "--set", "train.horizonn=5"], "unknown config key 'train.horizonn'; valid keys:"),
     (["train", "--set", "train.horizon=five"], "bad value 'five' for train.horizon (expected int)"),
     (["train", "--set", "train.horizon"], "--set expects section.field=value"),
-    (["train", "--set", "train.horizon=0"], "train.horizon must be >= 1"),
+    (["train", "--set", "train.horizon=0"], "train.horizon must be >= 1, got 0"),
+    (["train", "--minutes", "-5"], "train.minutes must be >= 0 (0: no wall-clock budget), got -5.0"),
     (["train", "--resume", "/nonexistent/run"], "no checkpoint there"),
     (["eval", "/nonexistent/run"], "no checkpoint in /nonexistent/run"),
     (["bench", "nosuch"], "unknown bench suite(s) ['nosuch']"),
@@ -78,7 +79,9 @@ def test_resume_refuses_config_changes(tmp_path):
     r = run("train", "--envs", "4", "--steps", "100", "--logdir", str(logdir), "--quiet", *sets)
     assert r.returncode == 0, r.stderr
     r = run("train", "--resume", str(logdir), "--envs", "8")
-    assert r.returncode == 2 and "only --steps may change it" in r.stderr
+    assert r.returncode == 2 and "only --steps and --minutes may change it (got ['envs'])" in r.stderr
+    r = run("train", "--resume", str(logdir), "--minutes", "-1")
+    assert r.returncode == 2 and "train.minutes must be >= 0 (0: no wall-clock budget), got -1.0" in r.stderr
 
 
 @pytest.mark.parametrize("argv, env_id, target, deter, obs", [

@@ -310,8 +310,8 @@ def test_gather_rows_backward_rejects_bad_input_before_touching_memory():
 
 
 def test_world_model_compiled_loss_equals_eager_with_pixels_and_vector():
-    """The world-model loss with compiled posterior steps equals the eager loss for the same draws, in
-    every loss term (image and vector) and every parameter gradient."""
+    """The world-model loss with compiled posterior steps, image encoder and image loss equals the eager
+    loss for the same draws, in every loss term (image and vector) and every parameter gradient."""
     from fastdream.world_model import WorldModel
 
     torch.manual_seed(0)

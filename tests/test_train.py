@@ -51,6 +51,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert list((tmp_path / "full" / "tb").iterdir()), "no TensorBoard events"
 
 
+def test_wall_clock_budget_stops_the_run_and_counts_across_resume(tmp_path):
+    cfg = apply(Config(), {**SMALL, "train.minutes": 1e-4})  # 6 ms: stops long before 320 env steps
+    first = train(cfg, tmp_path / "run", progress=False)
+    assert first.stopped == "time_budget" and 0 < first.env_steps < 320 and first.wall_time >= 0.006
+    # The spent time is saved: resuming under the same budget stops at once, where it was.
+    again = train(None, tmp_path / "run", resume=True, progress=False)
+    assert again.stopped == "time_budget" and again.env_steps == first.env_steps
+    assert again.wall_time >= first.wall_time
+    # A resume may lift the budget (0: none); the run then finishes its env-step budget.
+    rest = train(None, tmp_path / "run", resume=True, progress=False, minutes=0)
+    assert rest.stopped == "budget" and rest.env_steps == 320
+
+
 def test_checkpoint_is_small_and_holds_no_duplicate_tensors(tmp_path):
     cfg = apply(Config(), {**SMALL, "train.steps": 160, "train.save_replay": False})
     train(cfg, tmp_path / "run", progress=False)
