@@ -157,9 +157,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     agent.load_full_state(state["agent"])
     env.close()
     frames: list | None = [] if args.video else None
-    rets = evaluate(agent, cfg, args.episodes, seed=args.seed, video_frames=frames)
+    if args.episodes < 1:
+        raise CliError(f"--episodes must be >= 1, got {args.episodes}")
+    rets = evaluate(agent, cfg, args.episodes, seed=args.seed, video_frames=frames, deterministic=not args.sample)
     print(f"eval {cfg.env.id}: mean return {np.mean(rets):.1f} over {len(rets)} episodes "
-          f"(min {min(rets):.1f}, max {max(rets):.1f})")
+          f"(min {min(rets):.1f}, max {max(rets):.1f}; {'sampled' if args.sample else 'mode'} actions)")
     if args.video:
         from fastdream.logger import write_video
 
@@ -207,18 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     t.add_argument("--engine", default=None, choices=["auto", "eager", "compile", "triton", "cudagraph"],
                    help="dream engine (default: eager)")
-    t.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="update precision (default: fp32)")
+    t.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="update precision (default: fp32; the lunarlander preset: bf16)")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.horizon=10 (repeatable)")
     t.add_argument("--quiet", action="store_true", help="no live progress line")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="deterministic evaluation of a run's checkpoint")
+    e = sub.add_parser("eval", help="deterministic evaluation of a run's checkpoint (the policy's mode)")
     e.add_argument("run_dir", help="run directory holding checkpoint/")
     e.add_argument("--episodes", type=int, default=10)
     e.add_argument("--video", default=None, metavar="PATH", help="write episode 1 as .gif or .mp4")
     e.add_argument("--seed", type=int, default=12345)
+    e.add_argument("--sample", action="store_true",
+                   help="sample actions from the policy (seeded by the checkpoint) instead of taking its mode")
     e.set_defaults(func=_cmd_eval)
 
     c = sub.add_parser("collect", help="step a random policy in vectorised envs into the replay buffer")

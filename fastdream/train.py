@@ -81,8 +81,10 @@ def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") ->
 
 
 @torch.no_grad()
-def evaluate(agent: Agent, cfg: Config, episodes: int, seed: int, video_frames: list | None = None) -> list[float]:
-    """Deterministic returns of ``episodes`` episodes, one per fresh eval env (seeded by ``seed``).
+def evaluate(agent: Agent, cfg: Config, episodes: int, seed: int, video_frames: list | None = None,
+             deterministic: bool = True) -> list[float]:
+    """Returns of ``episodes`` episodes, one per fresh eval env (seeded by ``seed``), acting with the
+    policy's mode (``deterministic``) or sampling from it with the agent's generator.
 
     With ``video_frames`` a list, full-resolution frames of env 0's episode are appended to it.
     """
@@ -96,7 +98,7 @@ def evaluate(agent: Agent, cfg: Config, episodes: int, seed: int, video_frames: 
     for _ in range(limit):
         if video_frames is not None and not done[0]:
             video_frames.append(env.render_frames(np.array([0]))[0])
-        actions = agent.policy(rows, rows["env_ids"], deterministic=True, carry=carry)
+        actions = agent.policy(rows, rows["env_ids"], deterministic=deterministic, carry=carry)
         rows = env.step(actions, rows["env_ids"])
         ids = rows["env_ids"]
         live = ~done[ids]

@@ -69,8 +69,15 @@ def test_short_run_writes_metrics_tensorboard_checkpoint_and_evaluates(tmp_path)
     gif = tmp_path / "ep.gif"
     r = run("eval", str(logdir), "--episodes", "2", "--video", str(gif))
     assert r.returncode == 0, r.stderr
-    assert "mean return" in r.stdout
+    assert "mean return" in r.stdout and "mode actions" in r.stdout
     assert gif.read_bytes()[:6] == b"GIF89a"
+    # The mode policy is reproducible; --sample draws actions (seeded by the checkpoint) and plays other episodes.
+    mode = [run("eval", str(logdir), "--episodes", "4").stdout for _ in range(2)]
+    sampled = run("eval", str(logdir), "--episodes", "4", "--sample").stdout
+    assert mode[0] == mode[1] and "mode actions" in mode[0]
+    assert "sampled actions" in sampled and sampled.split("(")[0] != mode[0].split("(")[0], (sampled, mode[0])
+    r = run("eval", str(logdir), "--episodes", "0")
+    assert r.returncode == 2 and "--episodes must be >= 1, got 0" in r.stderr
 
 
 def test_resume_refuses_config_changes(tmp_path):
@@ -93,6 +100,9 @@ def test_resume_refuses_config_changes(tmp_path):
     (["--preset", "cartpole,xs"], "CartPole-v1", 475.0, 256, "vector"),
     (["--obs", "pixels", "--preset", "tiny"], "CartPole-v1", 400.0, 128, "pixels"),
     ([], "CartPole-v1", 475.0, 128, "vector"),
+    # LunarLander's task preset picks the xs model; a size preset named after it overrides that.
+    (["--env", "LunarLander-v3"], "LunarLander-v3", 200.0, 256, "vector"),
+    (["--env", "LunarLander-v3", "--preset", "tiny"], "LunarLander-v3", 200.0, 128, "vector"),
 ])
 def test_presets_resolve_task_then_size(argv, env_id, target, deter, obs):
     from fastdream.cli import _load_config, build_parser
