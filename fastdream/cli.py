@@ -159,6 +159,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     frames: list | None = [] if args.video else None
     if args.episodes < 1:
         raise CliError(f"--episodes must be >= 1, got {args.episodes}")
+    import torch
+
+    torch.manual_seed(args.seed)  # the posterior's latent draws: the same --seed replays the same episodes
     rets = evaluate(agent, cfg, args.episodes, seed=args.seed, video_frames=frames, deterministic=not args.sample)
     print(f"eval {cfg.env.id}: mean return {np.mean(rets):.1f} over {len(rets)} episodes "
           f"(min {min(rets):.1f}, max {max(rets):.1f}; {'sampled' if args.sample else 'mode'} actions)")
