@@ -146,6 +146,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fastdream.config import Config
     from fastdream.train import build_agent, build_env, evaluate
 
+    if args.episodes < 1:
+        raise CliError(f"--episodes must be >= 1, got {args.episodes}")
     run_dir = Path(args.run_dir)
     try:
         state, _ = checkpoint.load(run_dir, with_replay=False)
@@ -157,11 +159,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     agent.load_full_state(state["agent"])
     env.close()
     frames: list | None = [] if args.video else None
-    if args.episodes < 1:
-        raise CliError(f"--episodes must be >= 1, got {args.episodes}")
-    import torch
-
-    torch.manual_seed(args.seed)  # the posterior's latent draws: the same --seed replays the same episodes
     rets = evaluate(agent, cfg, args.episodes, seed=args.seed, video_frames=frames, deterministic=not args.sample)
     print(f"eval {cfg.env.id}: mean return {np.mean(rets):.1f} over {len(rets)} episodes "
           f"(min {min(rets):.1f}, max {max(rets):.1f}; {'sampled' if args.sample else 'mode'} actions)")

@@ -84,10 +84,20 @@ def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") ->
 def evaluate(agent: Agent, cfg: Config, episodes: int, seed: int, video_frames: list | None = None,
              deterministic: bool = True) -> list[float]:
     """Returns of ``episodes`` episodes, one per fresh eval env (seeded by ``seed``), acting with the
-    policy's mode (``deterministic``) or sampling from it with the agent's generator.
+    policy's mode (``deterministic``) or sampling from it with the agent's generator. The posterior's
+    latent draws come from torch's RNG seeded by ``seed`` inside a fork, so the same ``seed`` replays
+    the same episodes and an eval leaves the training run's random stream untouched.
 
     With ``video_frames`` a list, full-resolution frames of env 0's episode are appended to it.
     """
+    dev = agent.carry_deter.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _play(agent, cfg, episodes, seed, video_frames, deterministic)
+
+
+def _play(agent: Agent, cfg: Config, episodes: int, seed: int, video_frames: list | None,
+          deterministic: bool) -> list[float]:
     env = build_env(cfg, seed=seed, num_envs=episodes, render=video_frames is not None)
     dev = agent.carry_deter.device
     carry = agent.wm.rssm.initial(episodes, dev)
@@ -315,7 +325,7 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
             signal.signal(s, h)
     bar.close()
     ck_path = save_checkpoint()
-    wall = wall0 + time.perf_counter() - t0
+    wall = counters["wall_time"]  # the time the checkpoint holds, so a resume continues from the reported figure
     summary = {"summary/eval_return": last_eval if last_eval is not None else float("nan"),
                "summary/env_steps": counters["env_steps"], "summary/updates": counters["updates"],
                "summary/wall_time": wall, "summary/stopped": stopped}
