@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     t.add_argument("--engine", default=None, choices=["auto", "eager", "compile", "triton", "cudagraph"],
-                   help="dream engine (default: eager)")
+                   help="dream engine (default: the task preset's: eager for vector CartPole, else compile)")
     t.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                   help="update precision (default: fp32; the lunarlander preset: bf16)")
+                   help="update precision (default: the task preset's: fp32 for vector CartPole, else bf16)")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.horizon=10 (repeatable)")

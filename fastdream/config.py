@@ -100,6 +100,8 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 # Learning rates above DreamerV3's defaults: the tiny model on these short tasks learns faster with them.
+# The long tasks' settings: compiled dreams and posterior steps with bf16 updates (~1 min of compiling first).
+_COMPILED_BF16 = {"train.engine": "compile", "train.precision": "bf16"}
 _FAST_LR = {"train.wm_lr": 3e-4, "train.actor_lr": 1e-4, "train.critic_lr": 1e-4}
 # Pixel variants: 16 envs (rendering dominates env cost), a smaller replay (1 row = 12 kB), ratio 64.
 _PIXELS = {"env.obs": "pixels", "env.num_envs": 16, "train.replay_capacity": 200_000, "train.train_ratio": 64.0}
@@ -113,10 +115,13 @@ TASKS: dict[str, dict[str, Any]] = {
     # with the xs model and bf16 updates; the tiny model plateaued at 160-186 in 90 minutes.
     "lunarlander": {"env.id": "LunarLander-v3", "env.target_return": 200.0, "train.steps": 1_000_000,
                     "train.train_ratio": 32.0, "train.prefill": 10_000, "train.eval_every": 20_000,
-                    "train.dream_starts": 512, **_FAST_LR, **SIZES["xs"], "train.precision": "bf16"},
+                    "train.dream_starts": 512, **_FAST_LR, **SIZES["xs"], **_COMPILED_BF16},
 }
+# Solved CartPole-v1 from pixels (457.5) in 50k env steps, 5,624 updates, 65.0 min here (compile engine, bf16).
+# T=32: the image nets are most of a pixel update, so half-length windows give ~2x the updates per minute
+# at the same train ratio; with T=64 the same run had eval 171 after 85 min.
 TASKS["cartpole-pixels"] = {**TASKS["cartpole"], **_PIXELS, "env.target_return": 400.0, "train.steps": 400_000,
-                            "train.eval_every": 10_000}
+                            "train.eval_every": 10_000, "train.seq_len": 32, **_COMPILED_BF16}
 TASKS["lunarlander-pixels"] = {**TASKS["lunarlander"], **_PIXELS}
 PRESETS: dict[str, dict[str, Any]] = {**TASKS, **SIZES}
 

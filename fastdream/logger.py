@@ -40,27 +40,56 @@ class Logger:
 
 
 class Progress:
-    """A one-line live status (rich) with env steps, return, updates/s and ETA."""
+    """A one-line live status with env steps, return, updates/s and ETA: a rich bar on a terminal; else
+    (output to a file or pipe, e.g. ``nohup fastdream train > log``) a plain line every ``interval``
+    seconds and on every ``force``d update, since a redrawn bar would reach the file only at the end."""
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
+    def __init__(self, total: int, enabled: bool = True, interval: float = 60.0, console: Any = None) -> None:
         self.enabled = enabled
         self.total = total
-        if enabled:
+        self.interval = interval
+        self._live = False
+        if not enabled:
+            return
+        from rich.console import Console
+
+        self._console = console or Console()
+        self._live = self._console.is_terminal
+        self._start = time.perf_counter()
+        self._last_line = -math.inf
+        if self._live:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                     console=self._console)
             self._bar.start()
             self._task = self._bar.add_task("train", total=total, info="")
 
-    def update(self, done: int, info: str) -> None:
-        if self.enabled:
+    def update(self, done: int, info: str, force: bool = False) -> None:
+        """``done`` env steps of ``total``; ``info`` the rest of the line."""
+        if not self.enabled:
+            return
+        if self._live:
             self._bar.update(self._task, completed=min(done, self.total), info=info)
+            return
+        now = time.perf_counter()
+        if force or now - self._last_line >= self.interval:
+            self._last_line = now
+            self._console.print(plain_status(done, self.total, info, now - self._start), markup=False,
+                                highlight=False, soft_wrap=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if self._live:
             self._bar.stop()
+
+
+def plain_status(done: int, total: int, info: str, elapsed: float) -> str:
+    """``train 41,792/400,000 env steps (10.4 %)  <info>  12:05 elapsed`` (elapsed in this process)."""
+    minutes, seconds = divmod(int(elapsed), 60)
+    return (f"train {done:,}/{total:,} env steps ({100.0 * done / max(total, 1):.1f} %)  {info}  "
+            f"{minutes}:{seconds:02d} elapsed")
 
 
 def write_video(path: str | Path, frames: list) -> Path:

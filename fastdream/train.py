@@ -242,6 +242,7 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
                 stopped = "time_budget"
                 break
             training = counters["env_steps"] >= t.prefill
+            evaluated = False
             collector.policy = agent.policy if training else random_policy
             before = collector.env_steps
             collector.step()
@@ -261,7 +262,7 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
                         compiled.add(behave)
                         what = "dream rollout" if behave else "world model"
                         bar.update(counters["env_steps"], f"compiling the {what} (first call, up to a minute; "
-                                   "cached on disk by torch.compile for later runs)")
+                                   "cached on disk by torch.compile for later runs)", force=True)
                     m = agent.train_step(batch, train_behavior=behave, update=counters["updates"])
                     counters["updates"] += 1
                     if m["health/skipped"]:
@@ -309,12 +310,13 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
                 if last_eval >= cfg.env.target_return:
                     stopped = "solved"
                     break
+                evaluated = True
             el = time.perf_counter() - t0
             ups = (counters["updates"] - updates0) / max(el, 1e-9)
             ret_txt = f"{np.mean(returns[-100:]):.1f}" if returns else "-"
             ev_txt = f"{last_eval:.1f}" if last_eval is not None else "-"
             bar.update(counters["env_steps"], f"return {ret_txt}  eval {ev_txt}  updates {counters['updates']}"
-                       + (f" ({ups:.1f}/s)" if ups else ""))
+                       + (f" ({ups:.1f}/s)" if ups else ""), force=evaluated)
     except UnhealthyRun:
         bar.close()
         logger.close()

@@ -1,5 +1,7 @@
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,9 +65,11 @@ def test_short_run_writes_metrics_tensorboard_checkpoint_and_evaluates(tmp_path)
     # Starting a new run over an existing one is refused; --resume continues it.
     r = run("train", "--envs", "4", "--logdir", str(logdir), *sets)
     assert r.returncode == 2 and "already holds a run" in r.stderr
-    r = run("train", "--resume", str(logdir), "--steps", "480", "--quiet")
+    r = run("train", "--resume", str(logdir), "--steps", "480")
     assert r.returncode == 0, r.stderr
     assert "480 env steps" in r.stdout
+    # Output to a pipe gets plain progress lines (a redrawn bar would only show its last frame).
+    assert re.search(r"^train [\d,]+/480 env steps \(\d+\.\d %\)  return ", r.stdout, re.M), r.stdout
     gif = tmp_path / "ep.gif"
     r = run("eval", str(logdir), "--episodes", "2", "--video", str(gif))
     assert r.returncode == 0, r.stderr
@@ -109,3 +113,25 @@ def test_presets_resolve_task_then_size(argv, env_id, target, deter, obs):
 
     cfg = _load_config(build_parser().parse_args(["train", *argv]))
     assert (cfg.env.id, cfg.env.target_return, cfg.model.deter, cfg.env.obs) == (env_id, target, deter, obs)
+    # Pixel CartPole trains on half-length windows (twice the updates per minute; see config.TASKS).
+    assert cfg.train.seq_len == (32 if (env_id, obs) == ("CartPole-v1", "pixels") else 64)
+    # The tasks solved within 90 min here ran compiled and in bf16; their presets carry that.
+    long_task = env_id == "LunarLander-v3" or obs == "pixels"
+    assert (cfg.train.engine, cfg.train.precision) == (("compile", "bf16") if long_task else ("eager", "fp32"))
+
+
+def test_progress_prints_plain_lines_when_not_a_terminal():
+    from rich.console import Console
+
+    from fastdream.logger import Progress
+
+    out = io.StringIO()
+    bar = Progress(4000, interval=3600.0, console=Console(file=out, width=60))
+    bar.update(1000, "return 5.0")
+    bar.update(2000, "return 6.0")  # within the interval: no line
+    bar.update(3000, "eval 7.0", force=True)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [ln.rsplit("  ", 1)[0] for ln in lines] == [
+        "train 1,000/4,000 env steps (25.0 %)  return 5.0", "train 3,000/4,000 env steps (75.0 %)  eval 7.0"]
+    assert all(re.search(r"  \d+:\d\d elapsed$", ln) for ln in lines)
