@@ -34,6 +34,9 @@ class RSSM(nn.Module):
             raise ValueError(f"deter {deter} must be divisible by blocks {blocks}")
         self.deter, self.hidden, self.stoch, self.classes, self.blocks = deter, hidden, stoch, classes, blocks
         self.unimix = unimix
+        # Posterior steps per compiled graph (``observe``). xs train step B16×T64, compile bf16, interleaved:
+        # 0.628 s median with 1, 0.604 with 4, 0.582 with 8, 8 and 16 equal (0.555/0.558); compiling 8 takes longer.
+        self.obs_chunk = 8
         self.feat_dim = deter + stoch * classes
         self.dynin_deter = nn.Sequential(nn.Linear(deter, hidden, bias=False), Norm(hidden), nn.SiLU())
         self.dynin_stoch = nn.Sequential(nn.Linear(stoch * classes, hidden, bias=False), Norm(hidden), nn.SiLU())
@@ -157,19 +160,34 @@ class RSSM(nn.Module):
             noise = torch.rand(probs.shape[:-1], device=probs.device, dtype=probs.dtype)
         return deter, straight_through_draw(probs, noise)[0], probs.log()
 
+    def _obs_steps(self, deter: torch.Tensor, stoch: torch.Tensor, keep: torch.Tensor, action_in: torch.Tensor,
+                   embed_proj: torch.Tensor, weights: tuple[torch.Tensor, ...], noise: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """``_obs_step`` over the ``k`` steps of ``keep [B, k]``, ``action_in``/``embed_proj [B, k, ·]``,
+        ``noise [B, k, S]``: the last ``(deter, stoch)`` and the per-step deters, stochs and posteriors."""
+        deters, stochs, posts = [], [], []
+        for i in range(keep.shape[1]):
+            deter, stoch, post = self._obs_step(deter, stoch, keep[:, i], action_in[:, i], embed_proj[:, i], weights,
+                                                None if noise is None else noise[:, i])
+            deters.append(deter)
+            stochs.append(stoch)
+            posts.append(post)
+        return deter, stoch, deters, stochs, posts
+
     def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
                 state: tuple[torch.Tensor, torch.Tensor] | None = None, noise: torch.Tensor | None = None,
                 compiled: bool = False) -> dict[str, torch.Tensor]:
         """Posterior over a sequence: ``embed [B, T, E]``, ``action [B, T, A]``, ``is_first [B, T]``;
-        ``noise [B, T, S]`` uniform draws for the samples (fresh ones if None). ``compiled``: each step runs
-        as one torch.compile graph (forward and backward).
+        ``noise [B, T, S]`` uniform draws for the samples (fresh ones if None). ``compiled``: every ``obs_chunk``
+        steps run as one torch.compile graph (forward and backward), a remainder step by step.
 
         Returns ``deter [B, T, D]``, ``stoch [B, T, S, K]``, ``post``/``prior`` logits ``[B, T, S, K]``.
         """
         # Compiled: a B=16 step is ~40 small ops whose dispatch and autograd overhead is most of the
         # world-model update; inductor fuses them into a few kernels, forward and backward. Its random
         # draws come from inductor's generator: equal to eager in distribution, or exactly for fed noise.
-        step = runtime.compiled(self, "obs_step", self._obs_step) if compiled else self._obs_step
+        # ``obs_chunk`` steps run as one graph: fewer graph calls, and autograd sums each weight's
+        # gradient once per chunk instead of once per step.
         B, T = embed.shape[:2]
         deter, stoch = state if state is not None else self.initial(B, embed.device)
         # Whatever needs no recurrence runs once for all T: the embedding's share of the posterior's
@@ -179,12 +197,17 @@ class RSSM(nn.Module):
         action_in = self.action_input(action * keep[..., None])
         weights = self._step_weights()
         deters, stochs, posts = [], [], []
-        for t in range(T):
-            deter, stoch, post = step(deter, stoch, keep[:, t], action_in[:, t], embed_proj[:, t], weights,
-                                      None if noise is None else noise[:, t])
-            deters.append(deter)
-            stochs.append(stoch)
-            posts.append(post)
+        t = 0
+        while t < T:
+            k = self.obs_chunk if compiled and T - t >= self.obs_chunk else 1
+            steps = runtime.compiled(self, f"obs_steps {k}", self._obs_steps) if compiled else self._obs_steps
+            part = slice(t, t + k)
+            deter, stoch, d, s, p = steps(deter, stoch, keep[:, part], action_in[:, part], embed_proj[:, part],
+                                          weights, None if noise is None else noise[:, part])
+            deters += d
+            stochs += s
+            posts += p
+            t += k
         deter = torch.stack(deters, 1)
         return {"deter": deter, "stoch": torch.stack(stochs, 1), "post": torch.stack(posts, 1),
                 "prior": self.prior_logits(deter)}

@@ -232,8 +232,9 @@ def test_rssm_observe_equals_the_plain_per_step_loop_in_values_and_gradients():
 
 
 def test_rssm_observe_compiled_step_equals_eager_in_values_and_gradients():
-    """The compile engines run each posterior step as a compiled graph: given the same draws it must give
-    the eager sequence's states and parameter gradients (resets and fed noise included)."""
+    """The compile engines run the posterior steps as compiled graphs of ``obs_chunk`` steps (the rest one
+    by one): given the same draws they must give the eager sequence's states and parameter gradients (resets
+    inside a chunk and fed noise included)."""
     from fastdream.rssm import RSSM
 
     torch.manual_seed(0)
@@ -245,6 +246,7 @@ def test_rssm_observe_compiled_step_equals_eager_in_values_and_gradients():
     is_first[:, 0] = True
     is_first[2, 2] = True
     noise = torch.rand(B, T, 4)
+    rssm.obs_chunk = 2  # T = 5: two 2-step graphs, then one single step
     eager = rssm.observe(embed, action, is_first, noise=noise)
     comp = rssm.observe(embed, action, is_first, noise=noise, compiled=True)
     for k in ("deter", "stoch", "post", "prior"):
