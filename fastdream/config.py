@@ -99,9 +99,9 @@ SIZES: dict[str, dict[str, Any]] = {
           "model.classes": 32, "model.cnn_mult": 32},
 }
 
-# Learning rates above DreamerV3's defaults: the tiny model on these short tasks learns faster with them.
 # The long tasks' settings: compiled dreams and posterior steps with bf16 updates (~1 min of compiling first).
 _COMPILED_BF16 = {"train.engine": "compile", "train.precision": "bf16"}
+# Learning rates above DreamerV3's defaults: the tiny model on these short tasks learns faster with them.
 _FAST_LR = {"train.wm_lr": 3e-4, "train.actor_lr": 1e-4, "train.critic_lr": 1e-4}
 # Pixel variants: 16 envs (rendering dominates env cost), a smaller replay (1 row = 12 kB), ratio 64.
 _PIXELS = {"env.obs": "pixels", "env.num_envs": 16, "train.replay_capacity": 200_000, "train.train_ratio": 64.0}

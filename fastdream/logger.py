@@ -40,9 +40,10 @@ class Logger:
 
 
 class Progress:
-    """A one-line live status with env steps, return, updates/s and ETA: a rich bar on a terminal; else
-    (output to a file or pipe, e.g. ``nohup fastdream train > log``) a plain line every ``interval``
-    seconds and on every ``force``d update, since a redrawn bar would reach the file only at the end."""
+    """A one-line status with env steps, return, eval and updates/s: on a terminal a live rich bar with an
+    ETA; else (output to a file or pipe, e.g. ``nohup fastdream train > log``) a plain line with the
+    elapsed time every ``interval`` seconds and on every ``force``d update, since a redrawn bar would
+    reach the file only at the end."""
 
     def __init__(self, total: int, enabled: bool = True, interval: float = 60.0, console: Any = None) -> None:
         self.enabled = enabled
