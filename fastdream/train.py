@@ -242,7 +242,6 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
                 stopped = "time_budget"
                 break
             training = counters["env_steps"] >= t.prefill
-            evaluated = False
             collector.policy = agent.policy if training else random_policy
             before = collector.env_steps
             collector.step()
@@ -310,13 +309,13 @@ def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool 
                 if last_eval >= cfg.env.target_return:
                     stopped = "solved"
                     break
-                evaluated = True
             el = time.perf_counter() - t0
             ups = (counters["updates"] - updates0) / max(el, 1e-9)
             ret_txt = f"{np.mean(returns[-100:]):.1f}" if returns else "-"
             ev_txt = f"{last_eval:.1f}" if last_eval is not None else "-"
+            # A plain-line log gets a line after every eval (last_eval == env_steps only when one just ran).
             bar.update(counters["env_steps"], f"return {ret_txt}  eval {ev_txt}  updates {counters['updates']}"
-                       + (f" ({ups:.1f}/s)" if ups else ""), force=evaluated)
+                       + (f" ({ups:.1f}/s)" if ups else ""), force=counters["last_eval"] == counters["env_steps"])
     except UnhealthyRun:
         bar.close()
         logger.close()
