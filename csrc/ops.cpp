@@ -1,5 +1,10 @@
 // fastdream._ops: small CPU kernels for the training maths (numpy in, numpy out, no torch).
 //
+// unimix_index: the class index of every row of logits [M, K] drawn by inverse CDF with one uniform
+//   per row from p = (1 - unimix) softmax(logits) + unimix / K. Sixteen rows at a time, one per SIMD
+//   lane, so the max, the sum and the running CDF are plain vector adds instead of reductions across
+//   a short row; torch's softmax + cumsum + compare-and-count took ~8.5 ms for M = 131072, K = 32.
+//
 // gather_rows_backward: the weight gradient of a gather-sum of rows (nets.onehot_linear):
 //   out[r, :] = sum over (m, s) with rows[m, s] == r of g[m, :]
 // Column block by column block, the output slice stays in cache and g is read once; torch's S
@@ -8,6 +13,10 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -91,6 +100,182 @@ py::array_t<float> gather_rows_backward(const py::array& g, const py::array& row
   return out;
 }
 
+// ---------------------------------------------------------------- unimix_index
+
+constexpr int64_t kLanes = 16;
+// Sixteen lanes as GCC vector types: AVX-512 registers in the avx512f clone, pairs or quads of
+// narrower ones in the others.
+typedef float Floats __attribute__((vector_size(4 * kLanes)));
+typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
+
+inline float load_float(const float* p, int64_t i) { return p[i]; }
+inline float load_float(const uint16_t* p, int64_t i) {  // bfloat16: the high half of a float32
+  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// exp(x) for x <= 0 (logits minus their row max): 2^n · e^r with |r| <= ln2 / 2 and a degree-6 Taylor
+// polynomial, relative error ~2e-7. n is rounded by adding 1.5 · 2^23, whose low mantissa bits are n.
+__attribute__((always_inline)) inline Floats exp_nonpositive(Floats x) {
+  const Floats floor_at = Floats{} - 87.0f, shift = Floats{} + 12582912.0f;
+  x = x < floor_at ? floor_at : x;
+  const Floats t = x * 1.44269504088896341f + shift;
+  const Floats n = t - shift;
+  const Floats r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  const Floats p =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  const Ints bits = ((reinterpret_cast<const Ints&>(t) - 0x4B400000) + 127) << 23;
+  return p * reinterpret_cast<const Floats&>(bits);
+}
+
+inline Floats load_lanes(const float* p) {
+  Floats v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store_lanes(float* p, Floats v) { std::memcpy(p, &v, sizeof v); }
+
+typedef uint16_t Words __attribute__((vector_size(2 * kLanes)));
+
+inline Floats load_row(const float* p) { return load_lanes(p); }
+inline Floats load_row(const uint16_t* p) {
+  Words w;
+  std::memcpy(&w, p, sizeof w);
+  const Ints bits = __builtin_convertvector(w, Ints) << 16;
+  return reinterpret_cast<const Floats&>(bits);
+}
+
+// One round of the in-register transpose: rows i and i + B (i & B == 0) swap their off-diagonal
+// B x B blocks. Lane masks index the pair (a, c) as 0..15 for a, 16..31 for c.
+template <int B>
+__attribute__((always_inline)) inline void transpose_round(Floats* v) {
+  Ints lo, hi;
+#pragma GCC unroll 16
+  for (int l = 0; l < kLanes; ++l) {
+    lo[l] = (l & B) ? kLanes + l - B : l;
+    hi[l] = (l & B) ? kLanes + l : l + B;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kLanes; ++i) {
+    if (i & B) continue;
+    const Floats a = v[i], c = v[i + B];
+    v[i] = __builtin_shuffle(a, c, lo);
+    v[i + B] = __builtin_shuffle(a, c, hi);
+  }
+}
+
+// 16 x 16 transpose in four rounds (B = 8, 4, 2, 1): 64 two-vector shuffles instead of 256 scalar
+// loads and stores.
+__attribute__((always_inline)) inline void transpose16(Floats* v) {
+  transpose_round<8>(v);
+  transpose_round<4>(v);
+  transpose_round<2>(v);
+  transpose_round<1>(v);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void sample_tile(const T* __restrict__ logits, const float* __restrict__ noise,
+                                                       int64_t* __restrict__ out, int64_t rows, int64_t k_count,
+                                                       float unimix, float* __restrict__ buf) {
+  // buf [K, 16]: logit k of the tile's rows at buf[16 k + r], one row per lane; lanes past `rows` hold zeros.
+  if (rows == kLanes && k_count % kLanes == 0) {
+    Floats block[kLanes];
+    for (int64_t k0 = 0; k0 < k_count; k0 += kLanes) {
+      for (int64_t r = 0; r < kLanes; ++r) block[r] = load_row(logits + r * k_count + k0);
+      transpose16(block);
+      for (int64_t k = 0; k < kLanes; ++k) store_lanes(buf + (k0 + k) * kLanes, block[k]);
+    }
+  } else {
+    for (int64_t k = 0; k < k_count; ++k)
+      for (int64_t r = 0; r < kLanes; ++r) buf[k * kLanes + r] = r < rows ? load_float(logits, r * k_count + k) : 0.0f;
+  }
+  Floats top = load_lanes(buf);
+  for (int64_t k = 1; k < k_count; ++k) {
+    const Floats v = load_lanes(buf + k * kLanes);
+    top = v > top ? v : top;
+  }
+  Floats total = {};
+  for (int64_t k = 0; k < k_count; ++k) {
+    const Floats e = exp_nonpositive(load_lanes(buf + k * kLanes) - top);
+    store_lanes(buf + k * kLanes, e);
+    total += e;
+  }
+  Floats u = {};
+  for (int64_t r = 0; r < rows; ++r) u[r] = noise[r];
+  // index = #{k : cdf_k < u}, cdf_k = (1 - unimix) Σ_{j<=k} e_j / Σ e + unimix (k + 1) / K.
+  const Floats scale = (1.0f - unimix) / total;
+  Floats cdf = {};
+  Ints count = {};
+  for (int64_t k = 0; k < k_count; ++k) {
+    cdf += load_lanes(buf + k * kLanes);
+    count -= cdf * scale + unimix * static_cast<float>(k + 1) / static_cast<float>(k_count) < u;  // true is -1
+  }
+  for (int64_t r = 0; r < rows; ++r) out[r] = std::min<int64_t>(count[r], k_count - 1);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void sample_rows(const T* logits, const float* noise, int64_t* out,
+                                                       int64_t row0, int64_t row1, int64_t k_count, float unimix) {
+  std::vector<float> buf(static_cast<size_t>(k_count * kLanes));
+  for (int64_t r = row0; r < row1; r += kLanes)
+    sample_tile(logits + r * k_count, noise + r, out + r, std::min(kLanes, row1 - r), k_count, unimix, buf.data());
+}
+
+FASTDREAM_CLONES
+void sample_rows_f32(const float* logits, const float* noise, int64_t* out, int64_t row0, int64_t row1,
+                     int64_t k_count, float unimix) {
+  sample_rows(logits, noise, out, row0, row1, k_count, unimix);
+}
+
+FASTDREAM_CLONES
+void sample_rows_bf16(const uint16_t* logits, const float* noise, int64_t* out, int64_t row0, int64_t row1,
+                      int64_t k_count, float unimix) {
+  sample_rows(logits, noise, out, row0, row1, k_count, unimix);
+}
+
+py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& noise, double unimix, bool bfloat16,
+                                   int threads) {
+  const bool f32 = logits.dtype().is(py::dtype::of<float>());
+  const bool u16 = logits.dtype().is(py::dtype::of<uint16_t>()) || logits.dtype().is(py::dtype::of<int16_t>());
+  if (bfloat16 ? !u16 : !f32)
+    throw py::type_error("unimix_index: logits dtype " + std::string(py::str(logits.dtype())) +
+                         (bfloat16 ? ", expected 16-bit words holding bfloat16" : ", expected float32"));
+  if (!noise.dtype().is(py::dtype::of<float>()))
+    throw py::type_error("unimix_index: noise dtype " + std::string(py::str(noise.dtype())) + ", expected float32");
+  if (logits.ndim() != 2 || noise.ndim() != 1 || logits.shape(0) != noise.shape(0) || logits.shape(1) < 1)
+    throw py::value_error("unimix_index: logits " + shape_of(logits) + " and noise " + shape_of(noise) +
+                          " must be [M, K] with K >= 1 and [M]");
+  if (!(logits.flags() & py::array::c_style) || !(noise.flags() & py::array::c_style))
+    throw py::value_error("unimix_index: logits and noise must be C-contiguous");
+  if (!(unimix >= 0.0 && unimix < 1.0))
+    throw py::value_error("unimix_index: unimix must be in [0, 1), got " + std::to_string(unimix));
+  const int64_t m_count = logits.shape(0), k_count = logits.shape(1);
+  py::array_t<int64_t> out(m_count);
+  auto* o = static_cast<int64_t*>(out.mutable_data());
+  const auto* u = static_cast<const float*>(noise.data());
+  const float mix = static_cast<float>(unimix);
+  auto run = [&](int64_t row0, int64_t row1) {
+    if (bfloat16)
+      sample_rows_bf16(static_cast<const uint16_t*>(logits.data()), u, o, row0, row1, k_count, mix);
+    else
+      sample_rows_f32(static_cast<const float*>(logits.data()), u, o, row0, row1, k_count, mix);
+  };
+  // Threads take whole 16-row tiles; below ~64k logits one thread is faster than starting another.
+  const int64_t tiles = (m_count + kLanes - 1) / kLanes;
+  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({threads, tiles, m_count * k_count / 65536 + 1})));
+  auto row = [&](int t) { return std::min(m_count, tiles * t / n * kLanes); };
+  {
+    py::gil_scoped_release release;
+    std::vector<std::thread> pool;
+    for (int t = 1; t < n; ++t) pool.emplace_back(run, row(t), row(t + 1));
+    run(row(0), row(1));
+    for (auto& th : pool) th.join();
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_ops, m) {
@@ -98,4 +283,8 @@ PYBIND11_MODULE(_ops, m) {
   m.def("gather_rows_backward", &gather_rows_backward, py::arg("g"), py::arg("rows"), py::arg("num_rows"),
         py::arg("threads") = 1,
         "out [num_rows, O] float32: out[rows[m, s]] += g[m] for g [M, O] float32 and rows [M, S] int64.");
+  m.def("unimix_index", &unimix_index, py::arg("logits"), py::arg("noise"), py::arg("unimix"),
+        py::arg("bfloat16") = false, py::arg("threads") = 1,
+        "index [M] int64: inverse-CDF draw from (1 - unimix) softmax(logits) + unimix / K for logits [M, K]\n"
+        "(float32, or bfloat16 passed as 16-bit words with bfloat16=True) and one uniform noise [M] float32 per row.");
 }

@@ -11,13 +11,13 @@ from fastdream import runtime
 from fastdream.nets import (
     MLP,
     Hot,
-    inverse_cdf_onehot,
+    onehot,
     twohot_bins,
     twohot_decode,
     twohot_decode_logp,
     twohot_nll,
+    unimix_index,
     unimix_logits,
-    unimix_probs,
 )
 
 # ---------------------------------------------------------------- pure maths
@@ -85,7 +85,7 @@ class Actor(nn.Module):
         ``tanh(mean) + std · noise`` for ``noise [N, A]`` standard normal (continuous)."""
         x = self.net(feat, hot)
         if self.discrete:
-            return inverse_cdf_onehot(unimix_probs(x.float(), self.unimix), noise).to(feat.dtype)
+            return onehot(unimix_index(x, noise, self.unimix), x.shape[-1], feat.dtype)
         mean, std = x.chunk(2, -1)
         std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
         return torch.tanh(mean) + std * noise

@@ -101,15 +101,41 @@ def inverse_cdf_index(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (probs.detach().cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
+def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
+    """``inverse_cdf_index(unimix_probs(logits), noise)`` for ``logits [..., K]``, ``noise [...]`` → ``[...]``,
+    without the probabilities. On a CPU: the C++ kernel ``fastdream._ops.unimix_index``, one pass over the
+    logits (fp32 or bf16). At ``[131072, 32]`` (an N=4096 prior step) here: 2.0 ms, against 8.5 ms for the
+    softmax, cumsum and count of a compiled step and ~20 ms eager."""
+    if logits.device.type != "cpu":
+        return inverse_cdf_index(unimix_probs(logits.float(), unimix), noise)
+    k = logits.shape[-1]
+    flat = logits.detach().reshape(-1, k)
+    if flat.dtype not in (torch.float32, torch.bfloat16):
+        flat = flat.float()
+    return _unimix_index_cpu(flat, noise.detach().reshape(-1).float(), float(unimix)).reshape(noise.shape)
+
+
+@torch.library.custom_op("fastdream::unimix_index", mutates_args=())
+def _unimix_index_cpu(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> torch.Tensor:
+    """The C++ kernel as a torch op: a compiled rollout keeps it as one opaque call (no graph break)."""
+    from fastdream import _ops
+
+    bf16 = logits.dtype == torch.bfloat16
+    words = logits.contiguous().view(torch.int16) if bf16 else logits.contiguous()
+    # One thread: right after torch's OpenMP regions their workers spin on the other core, and a
+    # second thread of ours made a compiled N=4096 step slower (1.9 against 1.6 ms per call).
+    return torch.from_numpy(_ops.unimix_index(words.numpy(), noise.contiguous().numpy(), unimix, bf16, 1))
+
+
+@_unimix_index_cpu.register_fake
+def _(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> torch.Tensor:
+    return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
+
+
 def onehot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[...]`` class indices → one-hot ``[..., classes]`` of ``dtype`` (no int64 intermediate)."""
     out = torch.zeros(*index.shape, classes, dtype=dtype, device=index.device)
     return out.scatter_(-1, index.unsqueeze(-1), 1.0)
-
-
-def inverse_cdf_onehot(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """One-hot draw ``[..., K]`` of ``inverse_cdf_index``."""
-    return onehot(inverse_cdf_index(probs, noise), probs.shape[-1], probs.dtype)
 
 
 def straight_through_draw(probs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +210,11 @@ def _embedding_sum(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``Σ_s weight[:, rows[m, s]]`` → ``[M, O]`` (no autograd of its own)."""
     flat = rows.reshape(-1)
     offsets = torch.arange(0, flat.numel(), rows.shape[1], device=rows.device)
-    return F.embedding_bag(flat, weight.t().contiguous(), offsets, mode="sum")
+    table = weight.t()
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):  # the precision of the matmul it stands for: half the bytes to read
+        table = table.to(torch.get_autocast_dtype(device))
+    return F.embedding_bag(flat, table.contiguous(), offsets, mode="sum")
 
 
 def onehot_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, classes: int) -> torch.Tensor:

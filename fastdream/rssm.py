@@ -16,8 +16,10 @@ from fastdream.nets import (
     MLP,
     BlockLinear,
     Norm,
+    onehot,
     onehot_linear,
     straight_through_draw,
+    unimix_index,
     unimix_logits,
     unimix_probs,
 )
@@ -117,10 +119,15 @@ class RSSM(nn.Module):
         """One imagined step from the prior: ``(deter, stoch, prior_logits, index [N, S])``, ``index``
         the classes of the new ``stoch`` sample (the given ``index``: see ``gate_inputs``)."""
         deter = self.core(deter, stoch, action, index)
-        probs = unimix_probs(self.prior_raw(deter), self.unimix)
+        raw = self.prior_raw(deter)
+        probs = unimix_probs(raw, self.unimix)
         if noise is None:
             noise = torch.rand(probs.shape[:-1], device=probs.device, dtype=probs.dtype)
-        stoch, index = straight_through_draw(probs, noise)
+        if probs.requires_grad:
+            stoch, index = straight_through_draw(probs, noise)
+        else:  # no gradient to pass on: draw from the logits in one pass (a compiled rollout drops ``probs``)
+            index = unimix_index(raw, noise, self.unimix)
+            stoch = onehot(index, self.classes, probs.dtype)
         return deter, stoch, probs.log(), index
 
     def obs_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, embed: torch.Tensor,
