@@ -12,7 +12,8 @@ setup(
             cxx_std=17,
             extra_compile_args=["-O3"],
         ),
+        # OpenMP: the ops run on the libgomp that torch loaded (see csrc/ops.cpp).
         Pybind11Extension("fastdream._ops", ["csrc/ops.cpp"], include_dirs=["csrc"], cxx_std=17,
-                          extra_compile_args=["-O3"]),
+                          extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]),
     ],
 )

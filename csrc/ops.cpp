@@ -9,6 +9,11 @@
 //   out[r, :] = sum over (m, s) with rows[m, s] == r of g[m, :]
 // Column block by column block, the output slice stays in cache and g is read once; torch's S
 // index_adds re-read all of g once per latent. Every check happens before any memory is touched.
+//
+// Both kernels split their work over OpenMP threads. Loaded after torch (fastdream imports torch first),
+// this library binds to the libgomp torch loaded (same soname), so they run on torch's own worker
+// threads. std::threads of our own had to share a core with those workers, which spin for a while
+// after each of torch's parallel regions: 2 of them were no faster than 1 inside a compiled rollout.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -18,7 +23,6 @@
 #include <cstring>
 #include <limits>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "shape_str.hpp"
@@ -92,10 +96,8 @@ py::array_t<float> gather_rows_backward(const py::array& g, const py::array& row
   auto col = [&](int t) { return std::min(width, blocks * t / n * 16); };  // first column of thread t
   {
     py::gil_scoped_release release;
-    std::vector<std::thread> pool;
-    for (int t = 1; t < n; ++t) pool.emplace_back(accumulate, src, r, o, m_count, s_count, width, col(t), col(t + 1));
-    accumulate(src, r, o, m_count, s_count, width, col(0), col(1));
-    for (auto& th : pool) th.join();
+#pragma omp parallel for num_threads(n) schedule(static)
+    for (int t = 0; t < n; ++t) accumulate(src, r, o, m_count, s_count, width, col(t), col(t + 1));
   }
   return out;
 }
@@ -256,22 +258,20 @@ py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& nois
   auto* o = static_cast<int64_t*>(out.mutable_data());
   const auto* u = static_cast<const float*>(noise.data());
   const float mix = static_cast<float>(unimix);
+  const void* data = logits.data();
   auto run = [&](int64_t row0, int64_t row1) {
     if (bfloat16)
-      sample_rows_bf16(static_cast<const uint16_t*>(logits.data()), u, o, row0, row1, k_count, mix);
+      sample_rows_bf16(static_cast<const uint16_t*>(data), u, o, row0, row1, k_count, mix);
     else
-      sample_rows_f32(static_cast<const float*>(logits.data()), u, o, row0, row1, k_count, mix);
+      sample_rows_f32(static_cast<const float*>(data), u, o, row0, row1, k_count, mix);
   };
-  // Threads take whole 16-row tiles; below ~64k logits one thread is faster than starting another.
+  // Whole 16-row tiles per thread; below ~64k logits one thread does it all.
   const int64_t tiles = (m_count + kLanes - 1) / kLanes;
   const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({threads, tiles, m_count * k_count / 65536 + 1})));
-  auto row = [&](int t) { return std::min(m_count, tiles * t / n * kLanes); };
   {
     py::gil_scoped_release release;
-    std::vector<std::thread> pool;
-    for (int t = 1; t < n; ++t) pool.emplace_back(run, row(t), row(t + 1));
-    run(row(0), row(1));
-    for (auto& th : pool) th.join();
+#pragma omp parallel for num_threads(n) schedule(static)
+    for (int t = 0; t < n; ++t) run(std::min(m_count, tiles * t / n * kLanes), std::min(m_count, tiles * (t + 1) / n * kLanes));
   }
   return out;
 }
