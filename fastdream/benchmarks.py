@@ -386,6 +386,31 @@ def gather_backward_case(m: int = 16384, latents: int = 32, classes: int = 32, w
                 unit="rows/s", variants=variants, ratios=[("gather_rows_backward", "index_add_per_latent")])
 
 
+def unimix_index_case(n: int = 4096, latents: int = 32, classes: int = 32) -> Case:
+    """One prior draw of N dreams (``n·latents`` rows of ``classes`` bf16 logits) in draws/s: the C++
+    ``unimix_index`` next to the same maths in torch ops (softmax, unimix, cumsum, count) eager and compiled."""
+    import torch
+
+    from fastdream import runtime
+    from fastdream.nets import inverse_cdf_index, unimix_index, unimix_probs
+
+    torch.manual_seed(0)
+    logits = torch.randn(n * latents, classes).bfloat16()
+    noise = torch.rand(n * latents)
+
+    def torch_ops(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return inverse_cdf_index(unimix_probs(x.float()), u)
+
+    compiled = runtime.compiled(torch_ops, "unimix draw (benchmark)", torch_ops)
+    rows = float(n * latents)
+    variants = [Variant("unimix_index", lambda: unimix_index(logits, noise), rows),
+                Variant("torch_eager", lambda: torch_ops(logits, noise), rows),
+                Variant("torch_compiled", lambda: compiled(logits, noise), rows)]
+    return Case(name=f"unimix_index_n{n}", params={"n": n, "latents": latents, "classes": classes},
+                unit="draws/s", variants=variants,
+                ratios=[("unimix_index", "torch_eager"), ("unimix_index", "torch_compiled")])
+
+
 CASES["dream"] = [lambda: dream_case("tiny", 1024), lambda: dream_case("xs", 1024), lambda: dream_case("xs", 4096),
-                  lambda: dream_case("xs", 16384, precisions=("bf16",))]
+                  lambda: dream_case("xs", 16384, precisions=("bf16",)), lambda: unimix_index_case()]
 CASES["train"] = [lambda: gather_backward_case(), lambda: train_case("xs")]
