@@ -178,7 +178,7 @@ __attribute__((always_inline)) inline void transpose16(Floats* v) {
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void sample_tile(const T* __restrict__ logits, const float* __restrict__ noise,
+__attribute__((always_inline)) inline void index_tile(const T* __restrict__ logits, const float* __restrict__ noise,
                                                        int64_t* __restrict__ out, int64_t rows, int64_t k_count,
                                                        float unimix, float* __restrict__ buf) {
   // buf [K, 16]: logit k of the tile's rows at buf[16 k + r], one row per lane; lanes past `rows` hold zeros.
@@ -218,23 +218,23 @@ __attribute__((always_inline)) inline void sample_tile(const T* __restrict__ log
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void sample_rows(const T* logits, const float* noise, int64_t* out,
+__attribute__((always_inline)) inline void index_rows(const T* logits, const float* noise, int64_t* out,
                                                        int64_t row0, int64_t row1, int64_t k_count, float unimix) {
   std::vector<float> buf(static_cast<size_t>(k_count * kLanes));
   for (int64_t r = row0; r < row1; r += kLanes)
-    sample_tile(logits + r * k_count, noise + r, out + r, std::min(kLanes, row1 - r), k_count, unimix, buf.data());
+    index_tile(logits + r * k_count, noise + r, out + r, std::min(kLanes, row1 - r), k_count, unimix, buf.data());
 }
 
 FASTDREAM_CLONES
-void sample_rows_f32(const float* logits, const float* noise, int64_t* out, int64_t row0, int64_t row1,
+void unimix_index_rows_f32(const float* logits, const float* noise, int64_t* out, int64_t row0, int64_t row1,
                      int64_t k_count, float unimix) {
-  sample_rows(logits, noise, out, row0, row1, k_count, unimix);
+  index_rows(logits, noise, out, row0, row1, k_count, unimix);
 }
 
 FASTDREAM_CLONES
-void sample_rows_bf16(const uint16_t* logits, const float* noise, int64_t* out, int64_t row0, int64_t row1,
+void unimix_index_rows_bf16(const uint16_t* logits, const float* noise, int64_t* out, int64_t row0, int64_t row1,
                       int64_t k_count, float unimix) {
-  sample_rows(logits, noise, out, row0, row1, k_count, unimix);
+  index_rows(logits, noise, out, row0, row1, k_count, unimix);
 }
 
 py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& noise, double unimix, bool bfloat16,
@@ -261,9 +261,9 @@ py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& nois
   const void* data = logits.data();
   auto run = [&](int64_t row0, int64_t row1) {
     if (bfloat16)
-      sample_rows_bf16(static_cast<const uint16_t*>(data), u, o, row0, row1, k_count, mix);
+      unimix_index_rows_bf16(static_cast<const uint16_t*>(data), u, o, row0, row1, k_count, mix);
     else
-      sample_rows_f32(static_cast<const float*>(data), u, o, row0, row1, k_count, mix);
+      unimix_index_rows_f32(static_cast<const float*>(data), u, o, row0, row1, k_count, mix);
   };
   // Whole 16-row tiles per thread; below ~64k logits one thread does it all.
   const int64_t tiles = (m_count + kLanes - 1) / kLanes;
