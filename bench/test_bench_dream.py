@@ -9,40 +9,31 @@ from fastdream.benchmarks import dream_case, gather_backward_case, run_case, tra
 CASES = [("tiny", 1024), ("tiny", 4096), ("xs", 1024), ("xs", 4096), ("xs", 16384)]
 
 
+def _measure(benchmark, case):
+    """Unless benchmarks are disabled (CI smoke mode), times every variant of ``case`` in one run and
+    stores each record's rate and ratio in ``extra_info``; then pytest-benchmark times the first variant."""
+    if not benchmark.disabled:
+        for r in run_case(case):
+            key = r["name"] if r["reference"] is None else f"{r['name']} vs {r['reference']}"
+            benchmark.extra_info[key] = {"value": r["value"], "ratio": r["ratio"]}
+    benchmark(case.variants[0].fn)
+
+
 @pytest.mark.parametrize("size, n", CASES)
 def test_dream_rollout(benchmark, size, n):
-    if benchmark.disabled:  # CI smoke mode: the same code path on a tiny shape, no compile
-        case = dream_case("tiny", 64, horizon=3, engines=("eager",))
-    else:
-        case = dream_case(size, n)
-        records = run_case(case)
-        benchmark.extra_info.update({f"{r['name']} vs {r['reference']}": {"value": r["value"], "ratio": r["ratio"]}
-                                     for r in records})
-    benchmark(case.variants[0].fn)
+    # Smoke mode: the same code path on a tiny shape, no compile.
+    _measure(benchmark, dream_case("tiny", 64, horizon=3, engines=("eager",)) if benchmark.disabled
+             else dream_case(size, n))
 
 
 def test_train_step(benchmark):
-    if benchmark.disabled:
-        case = train_case("tiny", batch_size=2, seq_len=8, horizon=3, setups=(("eager", "fp32"),))
-    else:
-        case = train_case("xs")
-    if not benchmark.disabled:
-        records = run_case(case)
-        benchmark.extra_info.update({r["name"]: {"value": r["value"], "ratio": r["ratio"]} for r in records})
-    benchmark(case.variants[0].fn)
+    _measure(benchmark, train_case("tiny", batch_size=2, seq_len=8, horizon=3, setups=(("eager", "fp32"),))
+             if benchmark.disabled else train_case("xs"))
 
 
 def test_gather_backward(benchmark):
-    case = gather_backward_case(m=256) if benchmark.disabled else gather_backward_case()
-    if not benchmark.disabled:
-        records = run_case(case)
-        benchmark.extra_info.update({r["name"]: {"value": r["value"], "ratio": r["ratio"]} for r in records})
-    benchmark(case.variants[0].fn)
+    _measure(benchmark, gather_backward_case(m=256) if benchmark.disabled else gather_backward_case())
 
 
 def test_unimix_index(benchmark):
-    case = unimix_index_case(n=64) if benchmark.disabled else unimix_index_case()
-    if not benchmark.disabled:
-        records = run_case(case)
-        benchmark.extra_info.update({r["name"]: {"value": r["value"], "ratio": r["ratio"]} for r in records})
-    benchmark(case.variants[0].fn)
+    _measure(benchmark, unimix_index_case(n=64) if benchmark.disabled else unimix_index_case())
