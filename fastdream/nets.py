@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdream.kernels.reference import gru_gate_reference
+
 # One-hot stoch known by its class indices: ``(index [..., S], classes K)``, see ``onehot_linear``.
 Hot = tuple[torch.Tensor, int]
 
@@ -129,6 +131,71 @@ def _unimix_index_cpu(logits: torch.Tensor, noise: torch.Tensor, unimix: float) 
 @_unimix_index_cpu.register_fake
 def _(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> torch.Tensor:
     return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
+
+
+def _no_grad_cpu(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """True where a C++ kernel may stand in for torch ops: a float32/bfloat16 CPU tensor and no gradient needed."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not needs_grad
+
+
+def _words(x: torch.Tensor):
+    """``x`` as a numpy array for the C++ ops: bfloat16 as 16-bit words (numpy has no bfloat16)."""
+    x = x.detach().contiguous()
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
+
+
+def norm_silu(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """``silu(norm(x))`` for ``x [..., C]``. On a CPU without gradients: the C++ kernel ``_ops.norm_silu``
+    (one pass per row, float32 maths, ``x``'s dtype out), ~1.3x inductor's fused LayerNorm+SiLU at
+    ``[4096, 256]`` bf16 here (0.39 against 0.52 ms): a cheaper exp and no scalar row reductions."""
+    ln = norm.ln
+    if not _no_grad_cpu(x, ln.weight, ln.bias):
+        return F.silu(norm(x))
+    c = x.shape[-1]
+    return _norm_silu_cpu(x.reshape(-1, c), ln.weight.detach().float(), ln.bias.detach().float(),
+                          float(ln.eps)).reshape(x.shape)
+
+
+@torch.library.custom_op("fastdream::norm_silu", mutates_args=())
+def _norm_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    from fastdream import _ops
+
+    out = _ops.norm_silu(_words(x), weight.contiguous().numpy(), bias.contiguous().numpy(), eps,
+                         x.dtype == torch.bfloat16, torch.get_num_threads())
+    out = torch.from_numpy(out)
+    return out.view(torch.bfloat16) if x.dtype == torch.bfloat16 else out
+
+
+@_norm_silu_cpu.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+    """The block-GRU update (``kernels.reference.gru_gate_reference``) from the block matmul's own output
+    ``y [G, N, 3·D/G]`` before its ``bias [3D]``, and ``deter [N, D]`` → next deter ``[N, D]`` (float32).
+
+    On a CPU without gradients: the C++ kernel ``_ops.gru_gate`` reads ``y`` where the matmul left it (no
+    transpose, no bias pass) and writes only the new deter. Elsewhere: the reference maths.
+    """
+    if _no_grad_cpu(y, bias, deter):
+        return _gru_gate_cpu(y, bias.detach().float(), deter.float())
+    g, n, k = y.shape
+    return gru_gate_reference(y.transpose(0, 1).reshape(n, g * k) + bias, deter, g)
+
+
+@torch.library.custom_op("fastdream::gru_gate", mutates_args=())
+def _gru_gate_cpu(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+    from fastdream import _ops
+
+    return torch.from_numpy(_ops.gru_gate(_words(y), bias.contiguous().numpy(), deter.detach().contiguous().numpy(),
+                                          y.dtype == torch.bfloat16, torch.get_num_threads()))
+
+
+@_gru_gate_cpu.register_fake
+def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+    return deter.new_empty(deter.shape, dtype=torch.float32)
 
 
 def onehot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -261,6 +328,23 @@ class Norm(nn.Module):
         return self.ln(x)
 
 
+class Stack(nn.Sequential):
+    """``nn.Sequential`` that runs each ``Norm`` followed by ``nn.SiLU`` as one ``norm_silu`` (same modules,
+    same state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mods = list(self)
+        i = 0
+        while i < len(mods):
+            if isinstance(mods[i], Norm) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.SiLU):
+                x = norm_silu(x, mods[i])
+                i += 2
+            else:
+                x = mods[i](x)
+                i += 1
+        return x
+
+
 class MLP(nn.Module):
     """``layers`` × (Linear → LayerNorm → SiLU), then an optional output Linear."""
 
@@ -272,7 +356,7 @@ class MLP(nn.Module):
         for _ in range(layers):
             mods += [nn.Linear(d, units, bias=False), Norm(units), nn.SiLU()]
             d = units
-        self.body = nn.Sequential(*mods)
+        self.body = Stack(*mods)
         self.out_dim = d if out_dim is None else out_dim
         self.head = nn.Linear(d, out_dim) if out_dim is not None else None
         if self.head is not None and zero_out:
@@ -304,9 +388,13 @@ class BlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xg = x.reshape(-1, self.groups, x.shape[-1] // self.groups).transpose(0, 1)  # [G, N, I]
-        y = torch.bmm(xg, self.weight).transpose(0, 1)  # [N, G, O]
+        y = self.grouped(x).transpose(0, 1)  # [N, G, O]
         return y.reshape(*lead, -1) + self.bias
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """The block matmul alone, as it leaves the bmm: ``[..., G·I]`` → ``[G, N, O]`` (no bias)."""
+        xg = x.reshape(-1, self.groups, x.shape[-1] // self.groups).transpose(0, 1)  # [G, N, I]
+        return torch.bmm(xg, self.weight)
 
 
 class ImageEncoder(nn.Module):

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdream import runtime
-from fastdream.kernels.reference import gru_gate_reference
 from fastdream.nets import (
     MLP,
     BlockLinear,
     Norm,
+    Stack,
+    gru_gate_grouped,
     onehot,
     onehot_linear,
     straight_through_draw,
@@ -40,15 +41,15 @@ class RSSM(nn.Module):
         # 0.628 s median with 1, 0.604 with 4, 0.582 with 8, 8 and 16 equal (0.555/0.558); compiling 8 takes longer.
         self.obs_chunk = 8
         self.feat_dim = deter + stoch * classes
-        self.dynin_deter = nn.Sequential(nn.Linear(deter, hidden, bias=False), Norm(hidden), nn.SiLU())
-        self.dynin_stoch = nn.Sequential(nn.Linear(stoch * classes, hidden, bias=False), Norm(hidden), nn.SiLU())
-        self.dynin_action = nn.Sequential(nn.Linear(action_dim, hidden, bias=False), Norm(hidden), nn.SiLU())
+        self.dynin_deter = Stack(nn.Linear(deter, hidden, bias=False), Norm(hidden), nn.SiLU())
+        self.dynin_stoch = Stack(nn.Linear(stoch * classes, hidden, bias=False), Norm(hidden), nn.SiLU())
+        self.dynin_action = Stack(nn.Linear(action_dim, hidden, bias=False), Norm(hidden), nn.SiLU())
         group_in = deter // blocks + 3 * hidden
         layers: list[nn.Module] = []
         for _ in range(dyn_layers):
             layers += [BlockLinear(blocks * group_in, deter, blocks), Norm(deter), nn.SiLU()]
             group_in = deter // blocks
-        self.dynhid = nn.Sequential(*layers)
+        self.dynhid = Stack(*layers)
         self.gru = BlockLinear(deter, 3 * deter, blocks)
         self.prior_net = MLP(deter, hidden, 1, stoch * classes)
         self.post_net = MLP(deter + embed_dim, hidden, 1, stoch * classes)
@@ -70,16 +71,31 @@ class RSSM(nn.Module):
     def gate_inputs(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
                     index: torch.Tensor | None = None,
                     weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Block-GRU gate pre-activations ``[N, 3D]`` (laid out ``[N, G, 3, D/G]``) from ``action_in =
-        action_input(action)``. ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer
-        gathers weight rows (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already."""
+        """Block-GRU gate pre-activations ``[N, 3D]`` (laid out ``[N, G, 3, D/G]``): ``self.gru`` of
+        ``gru_input`` (same arguments)."""
+        return self.gru(self.gru_input(deter, stoch, action_in, index, weights))
+
+    def gru_step(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
+                 index: torch.Tensor | None = None,
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The next deter ``[N, D]``: the gate maths on ``gate_inputs`` (same arguments), fused with the GRU's
+        bias on the block matmul's output (``nets.gru_gate_grouped``)."""
+        y = self.gru.grouped(self.gru_input(deter, stoch, action_in, index, weights))
+        return gru_gate_grouped(y, self.gru.bias, deter)
+
+    def gru_input(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
+                  index: torch.Tensor | None = None,
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The block GRU's input ``[N, D]`` (dynhid's output) from ``action_in = action_input(action)``.
+        ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows
+        (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already."""
         if index is not None:
             lin = self.dynin_stoch[0]
             stoch_in = self.dynin_stoch[1:](onehot_linear(stoch.flatten(-2), lin.weight, index, self.classes))
         else:
             stoch_in = self.dynin_stoch(stoch.flatten(-2))
         x = torch.cat([self.dynin_deter(deter), stoch_in, action_in], -1)
-        return self.gru(self.dynhid[1:](self.dynhid_first(deter, x, weights)))
+        return self.dynhid[1:](self.dynhid_first(deter, x, weights))
 
     def dynhid_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first dynhid layer's weight split as ``dynhid_first`` reads it: ``own [G, D/G, D/G]`` and
@@ -102,7 +118,7 @@ class RSSM(nn.Module):
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
              index: torch.Tensor | None = None) -> torch.Tensor:
         """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]``."""
-        return gru_gate_reference(self.gate_inputs(deter, stoch, self.action_input(action), index), deter, self.blocks)
+        return self.gru_step(deter, stoch, self.action_input(action), index)
 
     def prior_raw(self, deter: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` → prior logits before unimix ``[N, S, K]``."""
@@ -158,8 +174,7 @@ class RSSM(nn.Module):
         (``action_input`` of the kept action), ``embed_proj`` (``embed_proj(embed)``), ``_step_weights()``."""
         deter = deter * keep[:, None]
         stoch = stoch * keep[:, None, None]
-        gates = self.gate_inputs(deter, stoch, action_in, weights=weights[:2])
-        deter = gru_gate_reference(gates, deter, self.blocks)
+        deter = self.gru_step(deter, stoch, action_in, weights=weights[:2])
         x = F.linear(deter, weights[2]) + embed_proj
         x = self.post_net.head(self.post_net.body[1:](x))
         probs = unimix_probs(x.reshape(*deter.shape[:-1], self.stoch, self.classes), self.unimix)

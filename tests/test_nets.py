@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastdream.nets import (
     MLP,
@@ -391,3 +392,102 @@ def test_unimix_index_threads_split_rows_and_bad_input_is_refused():
         _ops.unimix_index(np.ascontiguousarray(logits[:32, :32]).T, noise[:32], 0.01)
     with pytest.raises(ValueError, match="unimix must be in"):
         _ops.unimix_index(logits, noise, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4099, 256), (37, 96), (5, 7, 40)])
+def test_norm_silu_equals_layer_norm_then_silu(dtype, shape):
+    """The C++ LayerNorm+SiLU (no gradient) against torch's fp32 maths: 256 and 96 columns take the 16-lane
+    path, 40 the scalar one; rows carry a mean and scale of their own, weights and biases are not trivial."""
+    from fastdream.nets import Norm, norm_silu
+
+    torch.manual_seed(0)
+    norm = Norm(shape[-1])
+    torch.nn.init.normal_(norm.ln.weight, 1.0, 0.5)
+    torch.nn.init.normal_(norm.ln.bias, 0.0, 0.5)
+    x = (torch.randn(shape) * torch.rand(*shape[:-1], 1) * 8 + torch.randn(*shape[:-1], 1) * 3).to(dtype)
+    want = F.silu(F.layer_norm(x.float(), shape[-1:], norm.ln.weight, norm.ln.bias, 1e-3)).detach()
+    with torch.no_grad():
+        got = norm_silu(x, norm)
+    assert got.dtype == dtype and got.shape == shape
+    # Outputs reach ~±10: atol covers float32's summation order in the mean and variance (outputs near 0).
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    else:  # within a bfloat16 rounding of the fp32 result; the exact rounding in all but a few
+        torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=2e-5)
+        assert float((got != want.to(dtype)).float().mean()) < 0.01
+    # With a gradient to pass on it is torch's own maths, and the gradient flows.
+    y = norm_silu(x.float(), norm)
+    assert y.requires_grad
+    torch.testing.assert_close(y.detach(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("groups", "rows", "dg"), [(8, 4099, 32), (4, 37, 24), (3, 5, 7)])
+def test_gru_gate_grouped_equals_the_reference_gate(dtype, groups, rows, dg):
+    """The C++ block-GRU update on the block matmul's own output ``[G, N, 3 D/G]`` against
+    ``gru_gate_reference`` of the transposed gates plus bias: D/G = 24 and 7 end in scalar columns."""
+    from fastdream.kernels.reference import gru_gate_reference
+    from fastdream.nets import gru_gate_grouped
+
+    torch.manual_seed(0)
+    y = (torch.randn(groups, rows, 3 * dg) * 4).to(dtype)
+    bias, deter = torch.randn(3 * groups * dg), torch.randn(rows, groups * dg) * 2
+    want = gru_gate_reference(y.float().transpose(0, 1).reshape(rows, -1) + bias, deter, groups)
+    got = gru_gate_grouped(y, bias, deter)
+    assert got.dtype == torch.float32 and got.shape == (rows, groups * dg)
+    # fp32 inputs: a float32-accurate exp; bf16 inputs: the degree-4 exp (~4e-5).
+    tol = 2e-6 if dtype == torch.float32 else 2e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # A gradient to pass on takes the reference maths.
+    w = y.float().requires_grad_()
+    out = gru_gate_grouped(w, bias, deter)
+    out.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_silu_and_gru_gate_refuse_bad_input():
+    import numpy as np
+
+    from fastdream import _ops
+
+    x, w, b = np.ones((8, 16), np.float32), np.ones(16, np.float32), np.zeros(16, np.float32)
+    assert _ops.norm_silu(x, w, b, 1e-3).shape == (8, 16)
+    with pytest.raises(TypeError, match="x dtype float64, expected float32"):
+        _ops.norm_silu(x.astype(np.float64), w, b, 1e-3)
+    with pytest.raises(TypeError, match="expected 16-bit words"):
+        _ops.norm_silu(x, w, b, 1e-3, True)
+    with pytest.raises(ValueError, match=r"weight \(15,\) must be a contiguous \[16\]"):
+        _ops.norm_silu(x, w[:15], b, 1e-3)
+    with pytest.raises(TypeError, match="bias dtype float64"):
+        _ops.norm_silu(x, w, b.astype(np.float64), 1e-3)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _ops.norm_silu(np.ones((16, 8), np.float32).T, w, b, 1e-3)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        _ops.norm_silu(x, w, b, 0.0)
+    y, bias, deter = np.ones((2, 8, 6), np.float32), np.zeros(12, np.float32), np.zeros((8, 4), np.float32)
+    assert _ops.gru_gate(y, bias, deter).shape == (8, 4)
+    with pytest.raises(ValueError, match=r"y \(2, 8, 6\) and deter \(8, 5\) must be \[G, N, 3 D/G\] and \[N, D\]"):
+        _ops.gru_gate(y, bias, np.zeros((8, 5), np.float32))
+    with pytest.raises(ValueError, match=r"y \(2, 8, 5\)"):
+        _ops.gru_gate(np.ones((2, 8, 5), np.float32), bias, deter)
+    with pytest.raises(TypeError, match="deter dtype float64"):
+        _ops.gru_gate(y, bias, deter.astype(np.float64))
+    with pytest.raises(ValueError, match=r"bias \(11,\)"):
+        _ops.gru_gate(y, bias[:11], deter)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _ops.gru_gate(np.ones((2, 6, 8), np.float32).transpose(0, 2, 1), bias, deter)
+
+
+def test_stack_fuses_norm_silu_without_changing_modules_or_state_dict_keys():
+    from fastdream.nets import Norm, Stack
+
+    torch.manual_seed(0)
+    mods = [torch.nn.Linear(6, 32, bias=False), Norm(32), torch.nn.SiLU(), torch.nn.Linear(32, 32), Norm(32)]
+    stack, plain = Stack(*mods), torch.nn.Sequential(*mods)
+    assert list(stack.state_dict()) == list(plain.state_dict())
+    assert isinstance(stack[1:], Stack) and len(stack[1:]) == 4
+    x = torch.randn(40, 6)
+    with torch.no_grad():  # the C++ norm_silu for modules 1-2, torch's LayerNorm alone for the last Norm
+        torch.testing.assert_close(stack(x), plain(x), rtol=1e-5, atol=1e-5)
