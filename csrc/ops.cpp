@@ -320,6 +320,19 @@ __attribute__((always_inline)) inline float lane_sum(Floats v) {
   return v[0];
 }
 
+// Largest of the 16 lanes, by the same halving.
+__attribute__((always_inline)) inline float lane_max(Floats v) {
+  Floats w = __builtin_shuffle(v, Ints{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v = w > v ? w : v;
+  w = __builtin_shuffle(v, Ints{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v = w > v ? w : v;
+  w = __builtin_shuffle(v, Ints{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  v = w > v ? w : v;
+  w = __builtin_shuffle(v, Ints{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+  v = w > v ? w : v;
+  return v[0];
+}
+
 // The exp degree for results of type T: bfloat16 results round away what degree 6 adds.
 template <typename T>
 constexpr int kExpDegree = std::is_same_v<T, uint16_t> ? 4 : 6;
@@ -512,6 +525,83 @@ py::array_t<float> gru_gate(const py::array& y, const py::array& bias, const py:
   return out;
 }
 
+// twohot_decode: symexp(Σ_k softmax(logits)_k bins_k) per row of logits [M, K] (nets.twohot_decode), float32
+// results. Rows go 16 columns at a time; the last partial block is padded with -inf logits (exp gives ~0).
+__attribute__((always_inline)) inline float symexp(float x) { return std::copysign(std::expm1(std::fabs(x)), x); }
+
+template <typename T>
+__attribute__((always_inline)) inline void twohot_decode_rows(const T* __restrict__ logits, float* __restrict__ out,
+                                                              int64_t row0, int64_t row1, int64_t k_count,
+                                                              float* __restrict__ buf,
+                                                              const float* __restrict__ padded_bins) {
+  const int64_t full = k_count / kLanes * kLanes, padded = (k_count + kLanes - 1) / kLanes * kLanes;
+  for (int64_t m = row0; m < row1; ++m) {
+    const T* row = logits + m * k_count;
+    for (int64_t k = 0; k < full; k += kLanes) store_lanes(buf + k, load_row(row + k));
+    for (int64_t k = full; k < padded; ++k) buf[k] = k < k_count ? load_float(row, k) : -INFINITY;
+    Floats top = load_lanes(buf);
+    for (int64_t k = kLanes; k < padded; k += kLanes) {
+      const Floats v = load_lanes(buf + k);
+      top = v > top ? v : top;
+    }
+    const Floats high = Floats{} + lane_max(top);
+    Floats total = {}, weighted = {};
+    for (int64_t k = 0; k < padded; k += kLanes) {
+      const Floats e = exp_clamped(load_lanes(buf + k) - high);
+      total += e;
+      weighted += e * load_lanes(padded_bins + k);
+    }
+    out[m] = symexp(lane_sum(weighted) / lane_sum(total));
+  }
+}
+
+FASTDREAM_CLONES
+void twohot_decode_rows_f32(const float* logits, const float* bins, float* out, int64_t row0, int64_t row1,
+                            int64_t k_count) {
+  const int64_t padded = (k_count + kLanes - 1) / kLanes * kLanes;
+  std::vector<float> buf(static_cast<size_t>(padded)), pb(static_cast<size_t>(padded), 0.0f);
+  std::copy(bins, bins + k_count, pb.begin());
+  twohot_decode_rows(logits, out, row0, row1, k_count, buf.data(), pb.data());
+}
+
+FASTDREAM_CLONES
+void twohot_decode_rows_bf16(const uint16_t* logits, const float* bins, float* out, int64_t row0, int64_t row1,
+                             int64_t k_count) {
+  const int64_t padded = (k_count + kLanes - 1) / kLanes * kLanes;
+  std::vector<float> buf(static_cast<size_t>(padded)), pb(static_cast<size_t>(padded), 0.0f);
+  std::copy(bins, bins + k_count, pb.begin());
+  twohot_decode_rows(logits, out, row0, row1, k_count, buf.data(), pb.data());
+}
+
+py::array_t<float> twohot_decode(const py::array& logits, const py::array& bins, bool bfloat16, int threads) {
+  const bool f32 = logits.dtype().is(py::dtype::of<float>());
+  const bool u16 = logits.dtype().is(py::dtype::of<uint16_t>()) || logits.dtype().is(py::dtype::of<int16_t>());
+  if (bfloat16 ? !u16 : !f32)
+    throw py::type_error("twohot_decode: logits dtype " + std::string(py::str(logits.dtype())) +
+                         (bfloat16 ? ", expected 16-bit words holding bfloat16" : ", expected float32"));
+  if (logits.ndim() != 2 || logits.shape(1) < 1 || !(logits.flags() & py::array::c_style))
+    throw py::value_error("twohot_decode: logits " + shape_of(logits) + " must be a C-contiguous [M, K] with K >= 1");
+  const int64_t m_count = logits.shape(0), k_count = logits.shape(1);
+  check_vector(bins, k_count, "twohot_decode", "bins");
+  py::array_t<float> out(m_count);
+  const void* src = logits.data();
+  const auto* b = static_cast<const float*>(bins.data());
+  auto* o = static_cast<float*>(out.mutable_data());
+  const int n = threads_for(threads, m_count, m_count * k_count);
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel for num_threads(n) schedule(static)
+    for (int t = 0; t < n; ++t) {
+      const int64_t r0 = m_count * t / n, r1 = m_count * (t + 1) / n;
+      if (bfloat16)
+        twohot_decode_rows_bf16(static_cast<const uint16_t*>(src), b, o, r0, r1, k_count);
+      else
+        twohot_decode_rows_f32(static_cast<const float*>(src), b, o, r0, r1, k_count);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_ops, m) {
@@ -527,6 +617,10 @@ PYBIND11_MODULE(_ops, m) {
         py::arg("bfloat16") = false, py::arg("threads") = 1,
         "[M, C] of x's dtype: silu(layer_norm(x) * weight + bias) per row of x [M, C] (float32, or bfloat16 as\n"
         "16-bit words with bfloat16=True), weight and bias [C] float32; the maths in float32.");
+  m.def("twohot_decode", &twohot_decode, py::arg("logits"), py::arg("bins"), py::arg("bfloat16") = false,
+        py::arg("threads") = 1,
+        "[M] float32: symexp(sum_k softmax(logits)_k bins_k) per row of logits [M, K] (float32, or bfloat16 as\n"
+        "16-bit words with bfloat16=True) over bins [K] float32.");
   m.def("gru_gate", &gru_gate, py::arg("y"), py::arg("bias"), py::arg("deter"), py::arg("bfloat16") = false,
         py::arg("threads") = 1,
         "next deter [N, D] float32: the block-GRU update from the block matmul's output y [G, N, 3 D/G] (float32,\n"

@@ -17,6 +17,7 @@ import torch
 
 from fastdream import runtime
 from fastdream.behavior import Actor
+from fastdream.nets import autocast_input
 from fastdream.rssm import RSSM
 from fastdream.world_model import WorldModel
 
@@ -131,6 +132,7 @@ def _heads(world_model: WorldModel, nxt: torch.Tensor, index: torch.Tensor | Non
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward and continue predicted at the dreamed states ``nxt [N, H, ·]`` (``index``: their classes)."""
     hot = None if index is None else (index, world_model.rssm.classes)
+    nxt = autocast_input(nxt)  # one cast for both heads
     return world_model.reward(nxt, hot), world_model.cont(nxt, hot)
 
 
