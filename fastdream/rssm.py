@@ -16,7 +16,6 @@ from fastdream.nets import (
     BlockLinear,
     Norm,
     Stack,
-    autocast_input,
     gru_gate_grouped,
     onehot,
     onehot_linear,
@@ -90,7 +89,6 @@ class RSSM(nn.Module):
         """The block GRU's input ``[N, D]`` (dynhid's output) from ``action_in = action_input(action)``.
         ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows
         (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already."""
-        deter = autocast_input(deter)  # one cast for both layers reading it (and the prior and policy after)
         if index is not None:
             lin = self.dynin_stoch[0]
             stoch_in = self.dynin_stoch[1:](onehot_linear(stoch.flatten(-2), lin.weight, index, self.classes))
