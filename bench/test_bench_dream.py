@@ -1,10 +1,18 @@
 """Imagined state-steps/s: N in {1024, 4096, 16384}, H = 15, sizes tiny and xs; eager vs compile,
-fp32 vs bf16, next to plain-matmul throughput; the prior draw (``unimix_index``); the gathered layers'
+fp32 vs bf16, next to plain-matmul throughput; the prior draw (``unimix_index``); the no-grad C++ ops
+(``norm_silu``, ``gru_gate_grouped``, ``twohot_decode``) against inductor; the gathered layers'
 weight gradient; and the full xs train step."""
 
 import pytest
 
-from fastdream.benchmarks import dream_case, gather_backward_case, run_case, train_case, unimix_index_case
+from fastdream.benchmarks import (
+    dream_case,
+    dream_ops_case,
+    gather_backward_case,
+    run_case,
+    train_case,
+    unimix_index_case,
+)
 
 CASES = [("tiny", 1024), ("tiny", 4096), ("xs", 1024), ("xs", 4096), ("xs", 16384)]
 
@@ -37,3 +45,7 @@ def test_gather_backward(benchmark):
 
 def test_unimix_index(benchmark):
     _measure(benchmark, unimix_index_case(n=64) if benchmark.disabled else unimix_index_case())
+
+
+def test_dream_ops(benchmark):
+    _measure(benchmark, dream_ops_case(n=64, horizon=2) if benchmark.disabled else dream_ops_case())
