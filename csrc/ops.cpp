@@ -10,7 +10,11 @@
 // Column block by column block, the output slice stays in cache and g is read once; torch's S
 // index_adds re-read all of g once per latent. Every check happens before any memory is touched.
 //
-// Both kernels split their work over OpenMP threads. Loaded after torch (fastdream imports torch first),
+// norm_silu, gru_gate, twohot_decode: the no-grad elementwise maths of a dream step (LayerNorm then SiLU,
+//   the block-GRU update, the two-hot expectation), each one pass over its rows with a cheaper exp than
+//   inductor's; the vector helpers they share are in simd.hpp.
+//
+// Every kernel splits its work over OpenMP threads. Loaded after torch (fastdream imports torch first),
 // this library binds to the libgomp torch loaded (same soname), so they run on torch's own worker
 // threads. std::threads of our own had to share a core with those workers, which spin for a while
 // after each of torch's parallel regions: 2 of them were no faster than 1 inside a compiled rollout.
@@ -20,15 +24,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <limits>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "shape_str.hpp"
+#include "simd.hpp"
 
 namespace py = pybind11;
+using namespace fastdream::simd;  // the kernels below are written in its vector vocabulary
 
 namespace {
 
@@ -68,6 +71,25 @@ std::string shape_of(const py::array& a) {
   return fastdream::shape_str(std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
 }
 
+// Checks a float32 array, or with bfloat16 one of 16-bit words holding bfloat16 (numpy has no bfloat16).
+void check_floats(const py::array& a, bool bfloat16, const char* op, const char* name) {
+  const bool ok = bfloat16 ? a.dtype().is(py::dtype::of<uint16_t>()) || a.dtype().is(py::dtype::of<int16_t>())
+                           : a.dtype().is(py::dtype::of<float>());
+  if (!ok)
+    throw py::type_error(std::string(op) + ": " + name + " dtype " + std::string(py::str(a.dtype())) +
+                         (bfloat16 ? ", expected 16-bit words holding bfloat16" : ", expected float32"));
+}
+
+// Checks a float32 vector of n elements.
+void check_vector(const py::array& a, int64_t n, const char* op, const char* name) {
+  if (!a.dtype().is(py::dtype::of<float>()))
+    throw py::type_error(std::string(op) + ": " + name + " dtype " + std::string(py::str(a.dtype())) +
+                         ", expected float32");
+  if (a.ndim() != 1 || a.shape(0) != n || !(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(op) + ": " + name + " " + shape_of(a) + " must be a contiguous [" +
+                          std::to_string(n) + "]");
+}
+
 py::array_t<float> gather_rows_backward(const py::array& g, const py::array& rows, int64_t num_rows,
                                         int threads) {
   if (!g.dtype().is(py::dtype::of<float>()))
@@ -105,86 +127,6 @@ py::array_t<float> gather_rows_backward(const py::array& g, const py::array& row
 }
 
 // ---------------------------------------------------------------- unimix_index
-
-constexpr int64_t kLanes = 16;
-// Sixteen lanes as GCC vector types: AVX-512 registers in the avx512f clone, pairs or quads of
-// narrower ones in the others.
-typedef float Floats __attribute__((vector_size(4 * kLanes)));
-typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
-
-inline float load_float(const float* p, int64_t i) { return p[i]; }
-inline float load_float(const uint16_t* p, int64_t i) {  // bfloat16: the high half of a float32
-  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// exp(x) for x clamped to [-87, 88]: 2^n · e^r with |r| <= ln2 / 2 and a Taylor polynomial of degree
-// Degree: 6 gives a relative error of ~2e-7 (float32 results), 4 ~4e-5 (enough under bfloat16's 2^-9
-// spacing, two fewer multiply-adds). n is rounded by adding 1.5 · 2^23, whose low mantissa bits are n.
-template <int Degree = 6>
-__attribute__((always_inline)) inline Floats exp_clamped(Floats x) {
-  static_assert(Degree == 4 || Degree == 6, "exp_clamped: degree 4 or 6");
-  const Floats lo = Floats{} - 87.0f, hi = Floats{} + 88.0f, shift = Floats{} + 12582912.0f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const Floats t = x * 1.44269504088896341f + shift;
-  const Floats n = t - shift;
-  const Floats r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  Floats p;
-  if constexpr (Degree == 6)
-    p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-  else
-    p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24))));
-  const Ints bits = (reinterpret_cast<const Ints&>(t) + (127 - 0x4B400000)) << 23;
-  return p * reinterpret_cast<const Floats&>(bits);
-}
-
-inline Floats load_lanes(const float* p) {
-  Floats v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store_lanes(float* p, Floats v) { std::memcpy(p, &v, sizeof v); }
-
-typedef uint16_t Words __attribute__((vector_size(2 * kLanes)));
-
-inline Floats load_row(const float* p) { return load_lanes(p); }
-inline Floats load_row(const uint16_t* p) {
-  Words w;
-  std::memcpy(&w, p, sizeof w);
-  const Ints bits = __builtin_convertvector(w, Ints) << 16;
-  return reinterpret_cast<const Floats&>(bits);
-}
-
-// One round of the in-register transpose: rows i and i + B (i & B == 0) swap their off-diagonal
-// B x B blocks. Lane masks index the pair (a, c) as 0..15 for a, 16..31 for c.
-template <int B>
-__attribute__((always_inline)) inline void transpose_round(Floats* v) {
-  Ints lo, hi;
-#pragma GCC unroll 16
-  for (int l = 0; l < kLanes; ++l) {
-    lo[l] = (l & B) ? kLanes + l - B : l;
-    hi[l] = (l & B) ? kLanes + l : l + B;
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < kLanes; ++i) {
-    if (i & B) continue;
-    const Floats a = v[i], c = v[i + B];
-    v[i] = __builtin_shuffle(a, c, lo);
-    v[i + B] = __builtin_shuffle(a, c, hi);
-  }
-}
-
-// 16 x 16 transpose in four rounds (B = 8, 4, 2, 1): 64 two-vector shuffles instead of 256 scalar
-// loads and stores.
-__attribute__((always_inline)) inline void transpose16(Floats* v) {
-  transpose_round<8>(v);
-  transpose_round<4>(v);
-  transpose_round<2>(v);
-  transpose_round<1>(v);
-}
 
 template <typename T>
 __attribute__((always_inline)) inline void index_tile(const T* __restrict__ logits, const float* __restrict__ noise,
@@ -248,11 +190,7 @@ void unimix_index_rows_bf16(const uint16_t* logits, const float* noise, int64_t*
 
 py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& noise, double unimix, bool bfloat16,
                                    int threads) {
-  const bool f32 = logits.dtype().is(py::dtype::of<float>());
-  const bool u16 = logits.dtype().is(py::dtype::of<uint16_t>()) || logits.dtype().is(py::dtype::of<int16_t>());
-  if (bfloat16 ? !u16 : !f32)
-    throw py::type_error("unimix_index: logits dtype " + std::string(py::str(logits.dtype())) +
-                         (bfloat16 ? ", expected 16-bit words holding bfloat16" : ", expected float32"));
+  check_floats(logits, bfloat16, "unimix_index", "logits");
   if (!noise.dtype().is(py::dtype::of<float>()))
     throw py::type_error("unimix_index: noise dtype " + std::string(py::str(noise.dtype())) + ", expected float32");
   if (logits.ndim() != 2 || noise.ndim() != 1 || logits.shape(0) != noise.shape(0) || logits.shape(1) < 1)
@@ -287,54 +225,6 @@ py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& nois
 
 
 // ---------------------------------------------------------------- norm_silu, gru_gate
-
-typedef uint32_t Words32 __attribute__((vector_size(4 * kLanes)));
-
-inline void store_row(float* p, Floats v) { store_lanes(p, v); }
-inline void store_row(uint16_t* p, Floats v) {  // round to nearest even bfloat16
-  const Words32 bits = reinterpret_cast<const Words32&>(v);
-  const Words w = __builtin_convertvector((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16, Words);
-  std::memcpy(p, &w, sizeof w);
-}
-inline void store_float(float* p, int64_t i, float v) { p[i] = v; }
-inline void store_float(uint16_t* p, int64_t i, float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  p[i] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
-// σ(v) = 1 / (1 + exp(-v)) and silu(v) = v σ(v); exp_clamped keeps exp(-v) finite (σ(-88) is 0 to float32 anyway).
-template <int Degree>
-__attribute__((always_inline)) inline Floats sigmoid(Floats v) { return 1.0f / (1.0f + exp_clamped<Degree>(-v)); }
-template <int Degree>
-__attribute__((always_inline)) inline Floats silu(Floats v) { return v / (1.0f + exp_clamped<Degree>(-v)); }
-inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(std::min(-v, 88.0f))); }
-
-// Sum of the 16 lanes by halving: 4 shuffle-and-add rounds instead of 15 dependent scalar adds.
-__attribute__((always_inline)) inline float lane_sum(Floats v) {
-  v += __builtin_shuffle(v, Ints{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v += __builtin_shuffle(v, Ints{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  v += __builtin_shuffle(v, Ints{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  v += __builtin_shuffle(v, Ints{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-  return v[0];
-}
-
-// Largest of the 16 lanes, by the same halving.
-__attribute__((always_inline)) inline float lane_max(Floats v) {
-  Floats w = __builtin_shuffle(v, Ints{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v = w > v ? w : v;
-  w = __builtin_shuffle(v, Ints{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  v = w > v ? w : v;
-  w = __builtin_shuffle(v, Ints{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  v = w > v ? w : v;
-  w = __builtin_shuffle(v, Ints{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-  v = w > v ? w : v;
-  return v[0];
-}
-
-// The exp degree for results of type T: bfloat16 results round away what degree 6 adds.
-template <typename T>
-constexpr int kExpDegree = std::is_same_v<T, uint16_t> ? 4 : 6;
 
 // SiLU(LayerNorm(row) · weight + bias) of rows [row0, row1) of x [M, C]; buf holds one row in fp32.
 template <typename T>
@@ -392,16 +282,6 @@ void norm_silu_rows_bf16(const uint16_t* x, const float* w, const float* b, uint
   norm_silu_rows(x, w, b, out, row0, row1, c_count, eps, buf.data());
 }
 
-// Checks a float32 vector of n elements.
-void check_vector(const py::array& a, int64_t n, const char* op, const char* name) {
-  if (!a.dtype().is(py::dtype::of<float>()))
-    throw py::type_error(std::string(op) + ": " + name + " dtype " + std::string(py::str(a.dtype())) +
-                         ", expected float32");
-  if (a.ndim() != 1 || a.shape(0) != n || !(a.flags() & py::array::c_style))
-    throw py::value_error(std::string(op) + ": " + name + " " + shape_of(a) + " must be a contiguous [" +
-                          std::to_string(n) + "]");
-}
-
 // Rows of work per thread: all rows to one thread below ~64k elements.
 int threads_for(int threads, int64_t rows, int64_t elements) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({threads, rows, elements / 65536 + 1})));
@@ -409,11 +289,7 @@ int threads_for(int threads, int64_t rows, int64_t elements) {
 
 py::array norm_silu(const py::array& x, const py::array& weight, const py::array& bias, double eps, bool bfloat16,
                     int threads) {
-  const bool f32 = x.dtype().is(py::dtype::of<float>());
-  const bool u16 = x.dtype().is(py::dtype::of<uint16_t>()) || x.dtype().is(py::dtype::of<int16_t>());
-  if (bfloat16 ? !u16 : !f32)
-    throw py::type_error("norm_silu: x dtype " + std::string(py::str(x.dtype())) +
-                         (bfloat16 ? ", expected 16-bit words holding bfloat16" : ", expected float32"));
+  check_floats(x, bfloat16, "norm_silu", "x");
   if (x.ndim() != 2 || x.shape(1) < 1 || !(x.flags() & py::array::c_style))
     throw py::value_error("norm_silu: x " + shape_of(x) + " must be a C-contiguous [M, C] with C >= 1");
   const int64_t m_count = x.shape(0), c_count = x.shape(1);
@@ -489,11 +365,7 @@ void gru_gate_rows_bf16(const uint16_t* y, const float* bias, const float* deter
 
 py::array_t<float> gru_gate(const py::array& y, const py::array& bias, const py::array& deter, bool bfloat16,
                             int threads) {
-  const bool f32 = y.dtype().is(py::dtype::of<float>());
-  const bool u16 = y.dtype().is(py::dtype::of<uint16_t>()) || y.dtype().is(py::dtype::of<int16_t>());
-  if (bfloat16 ? !u16 : !f32)
-    throw py::type_error("gru_gate: y dtype " + std::string(py::str(y.dtype())) +
-                         (bfloat16 ? ", expected 16-bit words holding bfloat16" : ", expected float32"));
+  check_floats(y, bfloat16, "gru_gate", "y");
   if (!deter.dtype().is(py::dtype::of<float>()))
     throw py::type_error("gru_gate: deter dtype " + std::string(py::str(deter.dtype())) + ", expected float32");
   if (y.ndim() != 3 || deter.ndim() != 2 || y.shape(2) % 3 != 0 || y.shape(2) < 3 || y.shape(1) != deter.shape(0) ||
@@ -576,11 +448,7 @@ void twohot_decode_rows_bf16(const uint16_t* logits, const float* bins, float* o
 }
 
 py::array_t<float> twohot_decode(const py::array& logits, const py::array& bins, bool bfloat16, int threads) {
-  const bool f32 = logits.dtype().is(py::dtype::of<float>());
-  const bool u16 = logits.dtype().is(py::dtype::of<uint16_t>()) || logits.dtype().is(py::dtype::of<int16_t>());
-  if (bfloat16 ? !u16 : !f32)
-    throw py::type_error("twohot_decode: logits dtype " + std::string(py::str(logits.dtype())) +
-                         (bfloat16 ? ", expected 16-bit words holding bfloat16" : ", expected float32"));
+  check_floats(logits, bfloat16, "twohot_decode", "logits");
   if (logits.ndim() != 2 || logits.shape(1) < 1 || !(logits.flags() & py::array::c_style))
     throw py::value_error("twohot_decode: logits " + shape_of(logits) + " must be a C-contiguous [M, K] with K >= 1");
   const int64_t m_count = logits.shape(0), k_count = logits.shape(1);

@@ -141,9 +141,8 @@ def _unimix_index_cpu(logits: torch.Tensor, noise: torch.Tensor, unimix: float) 
     """The C++ kernel as a torch op: a compiled rollout keeps it as one opaque call (no graph break)."""
     from fastdream import _ops
 
-    bf16 = logits.dtype == torch.bfloat16
-    words = logits.contiguous().view(torch.int16) if bf16 else logits.contiguous()
-    return torch.from_numpy(_ops.unimix_index(words.numpy(), noise.contiguous().numpy(), unimix, bf16,
+    return torch.from_numpy(_ops.unimix_index(_words(logits), noise.contiguous().numpy(), unimix,
+                                              logits.dtype == torch.bfloat16,
                                               torch.get_num_threads()))
 
 
