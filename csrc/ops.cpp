@@ -14,16 +14,21 @@
 //   the block-GRU update, the two-hot expectation), each one pass over its rows with a cheaper exp than
 //   inductor's; the vector helpers they share are in simd.hpp.
 //
+// gather_norm_silu: norm_silu fused behind a one-hot layer's gather-sum of weight rows (and its dense
+//   part's matmul output), one pass per row with the sum in registers.
+//
 // Every kernel splits its work over OpenMP threads. Loaded after torch (fastdream imports torch first),
 // this library binds to the libgomp torch loaded (same soname), so they run on torch's own worker
 // threads. std::threads of our own had to share a core with those workers, which spin for a while
 // after each of torch's parallel regions: 2 of them were no faster than 1 inside a compiled rollout.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -224,9 +229,49 @@ py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& nois
 }
 
 
-// ---------------------------------------------------------------- norm_silu, gru_gate
+// ---------------------------------------------------------------- norm_silu, gather_norm_silu, gru_gate
 
-// SiLU(LayerNorm(row) · weight + bias) of rows [row0, row1) of x [M, C]; buf holds one row in fp32.
+// Sums of the C floats at buf (C a multiple of 16) in four independent accumulators: a row's reduction is
+// then a chain of C/64 adds, not C/16 (the chains, not the arithmetic, bounded norm_silu at C = 256).
+template <typename F>
+__attribute__((always_inline)) inline float row_sum(const float* __restrict__ buf, int64_t c_count, F term) {
+  Floats part[4] = {};
+  int64_t c = 0;
+  for (; c + 4 * kLanes <= c_count; c += 4 * kLanes)
+    for (int i = 0; i < 4; ++i) part[i] += term(load_lanes(buf + c + i * kLanes));
+  for (; c < c_count; c += kLanes) part[0] += term(load_lanes(buf + c));
+  return lane_sum((part[0] + part[1]) + (part[2] + part[3]));
+}
+
+// SiLU(LayerNorm(row) · weight + bias) of one row held in float32 at buf [C] into dst. Two passes for the
+// variance, as torch: no cancellation.
+template <typename T>
+__attribute__((always_inline)) inline void norm_silu_row(const float* __restrict__ buf, const float* __restrict__ weight,
+                                                         const float* __restrict__ bias, T* __restrict__ dst,
+                                                         int64_t c_count, float eps) {
+  const float inv_c = 1.0f / static_cast<float>(c_count);
+  if (c_count % kLanes == 0) {
+    const float mean = row_sum(buf, c_count, [](Floats v) { return v; }) * inv_c;
+    const float var = row_sum(buf, c_count, [mean](Floats v) { return (v - mean) * (v - mean); }) * inv_c;
+    const float rstd = 1.0f / std::sqrt(var + eps), shift = mean * rstd;
+    for (int64_t c = 0; c < c_count; c += kLanes) {
+      const Floats y = (load_lanes(buf + c) * rstd - shift) * load_lanes(weight + c) + load_lanes(bias + c);
+      store_row(dst + c, silu<kExpDegree<T>>(y));
+    }
+    return;
+  }
+  float mean = 0.0f, var = 0.0f;
+  for (int64_t c = 0; c < c_count; ++c) mean += buf[c];
+  mean *= inv_c;
+  for (int64_t c = 0; c < c_count; ++c) var += (buf[c] - mean) * (buf[c] - mean);
+  const float rstd = 1.0f / std::sqrt(var * inv_c + eps);
+  for (int64_t c = 0; c < c_count; ++c) {
+    const float y = (buf[c] - mean) * rstd * weight[c] + bias[c];
+    store_float(dst, c, y * sigmoid(y));
+  }
+}
+
+// norm_silu over rows [row0, row1) of x [M, C]; buf holds one row in float32.
 template <typename T>
 __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ x, const float* __restrict__ weight,
                                                           const float* __restrict__ bias, T* __restrict__ out,
@@ -234,37 +279,10 @@ __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ 
                                                           float* __restrict__ buf) {
   for (int64_t m = row0; m < row1; ++m) {
     const T* row = x + m * c_count;
-    T* dst = out + m * c_count;
-    if (c_count % kLanes == 0) {  // two passes for the variance, as torch: no cancellation
-      Floats sum = {};
-      for (int64_t c = 0; c < c_count; c += kLanes) {
-        const Floats v = load_row(row + c);
-        store_lanes(buf + c, v);
-        sum += v;
-      }
-      const float mean = lane_sum(sum) / static_cast<float>(c_count);
-      Floats sq = {};
-      for (int64_t c = 0; c < c_count; c += kLanes) {
-        const Floats d = load_lanes(buf + c) - mean;
-        sq += d * d;
-      }
-      const float rstd = 1.0f / std::sqrt(lane_sum(sq) / static_cast<float>(c_count) + eps), shift = mean * rstd;
-      for (int64_t c = 0; c < c_count; c += kLanes) {
-        const Floats y = (load_lanes(buf + c) * rstd - shift) * load_lanes(weight + c) + load_lanes(bias + c);
-        store_row(dst + c, silu<kExpDegree<T>>(y));
-      }
-    } else {
-      float mean = 0.0f;
-      for (int64_t c = 0; c < c_count; ++c) mean += (buf[c] = load_float(row, c));
-      mean /= static_cast<float>(c_count);
-      float var = 0.0f;
-      for (int64_t c = 0; c < c_count; ++c) var += (buf[c] - mean) * (buf[c] - mean);
-      const float rstd = 1.0f / std::sqrt(var / static_cast<float>(c_count) + eps);
-      for (int64_t c = 0; c < c_count; ++c) {
-        const float y = (buf[c] - mean) * rstd * weight[c] + bias[c];
-        store_float(dst, c, y * sigmoid(y));
-      }
-    }
+    int64_t c = 0;
+    for (; c + kLanes <= c_count; c += kLanes) store_lanes(buf + c, load_row(row + c));
+    for (; c < c_count; ++c) buf[c] = load_float(row, c);
+    norm_silu_row(buf, weight, bias, out + m * c_count, c_count, eps);
   }
 }
 
@@ -313,6 +331,145 @@ py::array norm_silu(const py::array& x, const py::array& weight, const py::array
       else
         norm_silu_rows_f32(static_cast<const float*>(src), w, b, static_cast<float*>(dst), r0, r1, c_count, e);
     }
+  }
+  return out;
+}
+
+// gather_norm_silu: norm_silu of dense[m] + Σ_s table[rows[m, s]] per row m (nets.onehot_norm_silu: a layer
+// on one-hot inputs as a gather-sum of weight rows, plus its dense inputs' matmul, then LayerNorm and SiLU).
+// Sixteen vectors (256 columns) of the sum stay in registers while the S table rows add into them; the row
+// reaches memory once, already normalised. embedding_bag, the add and norm_silu took three passes.
+template <int NV, typename T>
+__attribute__((always_inline)) inline void gather_block(const T* __restrict__ dense_row, const T* __restrict__ table,
+                                                        const int64_t* __restrict__ idx, int64_t s_count,
+                                                        int64_t c_count, float* __restrict__ buf) {
+  if constexpr (std::is_same_v<T, uint16_t> && NV % 2 == 0) {
+    // bfloat16: 32 columns per 64-byte load, split into even and odd columns by one shift and one mask
+    // (a 16-lane widening compiled to two half-width ones and a merge); interleaved again once per row.
+    Floats even[NV / 2], odd[NV / 2];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV / 2; ++v) {
+      even[v] = odd[v] = Floats{};
+      if (dense_row) split_words(dense_row + 2 * v * kLanes, even[v], odd[v]);
+    }
+    for (int64_t s = 0; s < s_count; ++s) {
+      const T* src = table + idx[s] * c_count;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV / 2; ++v) split_words(src + 2 * v * kLanes, even[v], odd[v]);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV / 2; ++v) {
+      Floats lo, hi;
+      interleave(even[v], odd[v], lo, hi);
+      store_lanes(buf + 2 * v * kLanes, lo);
+      store_lanes(buf + (2 * v + 1) * kLanes, hi);
+    }
+  } else {
+    Floats acc[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[v] = dense_row ? load_row(dense_row + v * kLanes) : Floats{};
+    for (int64_t s = 0; s < s_count; ++s) {
+      const T* src = table + idx[s] * c_count;
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[v] += load_row(src + v * kLanes);
+    }
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) store_lanes(buf + v * kLanes, acc[v]);
+  }
+}
+
+// Rows [row0, row1); false (and the rows from the bad one on left unwritten) at a row index outside [0, R).
+template <typename T>
+__attribute__((always_inline)) inline bool gather_norm_silu_rows(const T* dense, const T* table, const int64_t* rows,
+                                                                 const float* weight, const float* bias, T* out,
+                                                                 int64_t row0, int64_t row1, int64_t s_count,
+                                                                 int64_t r_count, int64_t c_count, float eps) {
+  std::vector<float> buf(static_cast<size_t>(c_count));
+  constexpr int64_t kBlock = 16 * kLanes;
+  for (int64_t m = row0; m < row1; ++m) {
+    const int64_t* idx = rows + m * s_count;
+    for (int64_t s = 0; s < s_count; ++s)
+      if (idx[s] < 0 || idx[s] >= r_count) return false;
+    const T* dense_row = dense ? dense + m * c_count : nullptr;
+    int64_t c = 0;
+    if (c_count % kLanes == 0) {
+      for (; c + kBlock <= c_count; c += kBlock)
+        gather_block<16>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
+      for (; c < c_count; c += kLanes)
+        gather_block<1>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
+    } else {
+      for (; c < c_count; ++c) {
+        float sum = dense_row ? load_float(dense_row, c) : 0.0f;
+        for (int64_t s = 0; s < s_count; ++s) sum += load_float(table, idx[s] * c_count + c);
+        buf[c] = sum;
+      }
+    }
+    norm_silu_row(buf.data(), weight, bias, out + m * c_count, c_count, eps);
+  }
+  return true;
+}
+
+FASTDREAM_CLONES
+bool gather_norm_silu_rows_f32(const float* dense, const float* table, const int64_t* rows, const float* w,
+                               const float* b, float* out, int64_t row0, int64_t row1, int64_t s_count,
+                               int64_t r_count, int64_t c_count, float eps) {
+  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps);
+}
+
+FASTDREAM_CLONES
+bool gather_norm_silu_rows_bf16(const uint16_t* dense, const uint16_t* table, const int64_t* rows, const float* w,
+                                const float* b, uint16_t* out, int64_t row0, int64_t row1, int64_t s_count,
+                                int64_t r_count, int64_t c_count, float eps) {
+  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps);
+}
+
+py::array gather_norm_silu(const std::optional<py::array>& dense, const py::array& table, const py::array& rows,
+                           const py::array& weight, const py::array& bias, double eps, bool bfloat16, int threads) {
+  check_floats(table, bfloat16, "gather_norm_silu", "table");
+  if (table.ndim() != 2 || table.shape(0) < 1 || table.shape(1) < 1 || !(table.flags() & py::array::c_style))
+    throw py::value_error("gather_norm_silu: table " + shape_of(table) + " must be a C-contiguous [R, C] with R, C >= 1");
+  if (!rows.dtype().is(py::dtype::of<int64_t>()))
+    throw py::type_error("gather_norm_silu: rows dtype " + std::string(py::str(rows.dtype())) + ", expected int64");
+  if (rows.ndim() != 2 || !(rows.flags() & py::array::c_style))
+    throw py::value_error("gather_norm_silu: rows " + shape_of(rows) + " must be a C-contiguous [M, S]");
+  const int64_t m_count = rows.shape(0), s_count = rows.shape(1), r_count = table.shape(0), c_count = table.shape(1);
+  if (dense) {
+    check_floats(*dense, bfloat16, "gather_norm_silu", "dense");
+    if (dense->ndim() != 2 || dense->shape(0) != m_count || dense->shape(1) != c_count ||
+        !(dense->flags() & py::array::c_style))
+      throw py::value_error("gather_norm_silu: dense " + shape_of(*dense) + " must be a C-contiguous [" +
+                            std::to_string(m_count) + ", " + std::to_string(c_count) + "] (rows [M, S], table [R, C])");
+  }
+  check_vector(weight, c_count, "gather_norm_silu", "weight");
+  check_vector(bias, c_count, "gather_norm_silu", "bias");
+  if (!(eps > 0.0)) throw py::value_error("gather_norm_silu: eps must be > 0, got " + std::to_string(eps));
+  py::array out(table.dtype(), {m_count, c_count});
+  const void* d = dense ? dense->data() : nullptr;
+  const void* tab = table.data();
+  const auto* r = static_cast<const int64_t*>(rows.data());
+  const auto* w = static_cast<const float*>(weight.data());
+  const auto* b = static_cast<const float*>(bias.data());
+  void* o = out.mutable_data();
+  const float e = static_cast<float>(eps);
+  const int n = threads_for(threads, m_count, m_count * c_count * (s_count + 1));
+  bool ok = true;
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel for num_threads(n) schedule(static) reduction(&& : ok)
+    for (int t = 0; t < n; ++t) {
+      const int64_t r0 = m_count * t / n, r1 = m_count * (t + 1) / n;
+      if (bfloat16)
+        ok = ok && gather_norm_silu_rows_bf16(static_cast<const uint16_t*>(d), static_cast<const uint16_t*>(tab), r,
+                                              w, b, static_cast<uint16_t*>(o), r0, r1, s_count, r_count, c_count, e);
+      else
+        ok = ok && gather_norm_silu_rows_f32(static_cast<const float*>(d), static_cast<const float*>(tab), r, w, b,
+                                             static_cast<float*>(o), r0, r1, s_count, r_count, c_count, e);
+    }
+  }
+  if (!ok) {
+    const int64_t* bad = std::find_if(r, r + m_count * s_count, [&](int64_t i) { return i < 0 || i >= r_count; });
+    throw py::index_error("gather_norm_silu: row index " + std::to_string(*bad) + " outside [0, " +
+                          std::to_string(r_count) + ") of table " + shape_of(table));
   }
   return out;
 }
@@ -487,6 +644,11 @@ PYBIND11_MODULE(_ops, m) {
         py::arg("bfloat16") = false, py::arg("threads") = 1,
         "[M, C] of x's dtype: silu(layer_norm(x) * weight + bias) per row of x [M, C] (float32, or bfloat16 as\n"
         "16-bit words with bfloat16=True), weight and bias [C] float32; the maths in float32.");
+  m.def("gather_norm_silu", &gather_norm_silu, py::arg("dense"), py::arg("table"), py::arg("rows"), py::arg("weight"),
+        py::arg("bias"), py::arg("eps"), py::arg("bfloat16") = false, py::arg("threads") = 1,
+        "[M, C] of table's dtype: silu(layer_norm(dense[m] + sum_s table[rows[m, s]]) * weight + bias) per row m, for\n"
+        "table [R, C] and dense [M, C] or None (float32, or bfloat16 as 16-bit words with bfloat16=True), rows [M, S]\n"
+        "int64 in [0, R), weight and bias [C] float32; the maths in float32.");
   m.def("twohot_decode", &twohot_decode, py::arg("logits"), py::arg("bins"), py::arg("bfloat16") = false,
         py::arg("threads") = 1,
         "[M] float32: symexp(sum_k softmax(logits)_k bins_k) per row of logits [M, K] (float32, or bfloat16 as\n"

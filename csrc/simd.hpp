@@ -64,6 +64,22 @@ inline Floats load_row(const uint16_t* p) {
   return reinterpret_cast<const Floats&>(bits);
 }
 
+// 32 bfloat16 words at p added, as float32, into even (columns 0, 2, ..., 30) and odd (1, 3, ..., 31): one
+// 64-byte load, a shift and a mask.
+__attribute__((always_inline)) inline void split_words(const uint16_t* p, Floats& even, Floats& odd) {
+  Ints w;
+  std::memcpy(&w, p, sizeof w);
+  const Ints lo = w << 16, hi = w & static_cast<int32_t>(0xFFFF0000u);
+  even += reinterpret_cast<const Floats&>(lo);
+  odd += reinterpret_cast<const Floats&>(hi);
+}
+
+// The inverse of split_words' column order: lo = columns 0..15, hi = 16..31.
+__attribute__((always_inline)) inline void interleave(Floats even, Floats odd, Floats& lo, Floats& hi) {
+  lo = __builtin_shuffle(even, odd, Ints{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
+  hi = __builtin_shuffle(even, odd, Ints{8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
+}
+
 // One round of the in-register transpose: rows i and i + B (i & B == 0) swap their off-diagonal
 // B x B blocks. Lane masks index the pair (a, c) as 0..15 for a, 16..31 for c.
 template <int B>

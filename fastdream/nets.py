@@ -337,6 +337,48 @@ def onehot_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, cl
     return y
 
 
+def onehot_norm_silu(x: torch.Tensor, weight: torch.Tensor, norm: Norm, index: torch.Tensor,
+                     classes: int) -> torch.Tensor:
+    """``silu(norm(onehot_linear(x, weight, index, classes)))`` → ``[..., O]``: a first layer on one-hot
+    stoch with its LayerNorm and SiLU. On a CPU without gradients: the C++ kernel ``_ops.gather_norm_silu``
+    sums the gathered weight rows and the dense part's matmul output in registers and normalises them
+    in the same pass (0.55 against 0.73 ms for embedding_bag + add + norm_silu at ``[4096, 256]`` bf16,
+    32 latents); elsewhere the composed ops."""
+    ln = norm.ln
+    groups = index.shape[-1]
+    start = weight.shape[1] - groups * classes
+    if not _no_grad_cpu(x, weight, ln.weight, ln.bias) or x.shape[-1] not in (start, weight.shape[1]):
+        return norm_silu(onehot_linear(x, weight, index, classes), norm)
+    rows = index.reshape(-1, groups) + torch.arange(groups, device=x.device) * classes  # [M, S]
+    table = weight[:, start:].t()
+    if torch.is_autocast_enabled("cpu"):  # the precision of the matmul it stands for
+        table = table.to(torch.get_autocast_dtype("cpu"))
+    dense = F.linear(x[..., :start], weight[:, :start]).reshape(-1, weight.shape[0]) if start else None
+    if dense is not None and dense.dtype != table.dtype:
+        return norm_silu(onehot_linear(x, weight, index, classes), norm)
+    out = _gather_norm_silu_cpu(dense, table.contiguous(), rows, ln.weight.detach().float(),
+                                ln.bias.detach().float(), float(ln.eps))
+    return out.reshape(*index.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("fastdream::gather_norm_silu", mutates_args=())
+def _gather_norm_silu_cpu(dense: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor, eps: float) -> torch.Tensor:
+    from fastdream import _ops
+
+    out = _ops.gather_norm_silu(None if dense is None else _words(dense), _words(table), rows.contiguous().numpy(),
+                                weight.contiguous().numpy(), bias.contiguous().numpy(), eps,
+                                table.dtype == torch.bfloat16, torch.get_num_threads())
+    out = torch.from_numpy(out)
+    return out.view(torch.bfloat16) if table.dtype == torch.bfloat16 else out
+
+
+@_gather_norm_silu_cpu.register_fake
+def _(dense: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+      eps: float) -> torch.Tensor:
+    return table.new_empty(rows.shape[0], table.shape[1])
+
+
 def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:
     """KL(lhs ‖ rhs) of categoricals ``[..., S, K]`` summed over the S latents → ``[...]``."""
     lhs_logp = lhs_logits.log_softmax(-1)
@@ -397,7 +439,7 @@ class MLP(nn.Module):
         """``[..., in_dim]`` → ``[..., out_dim]``. ``hot = (index [..., S], classes)``: ``x`` ends in the
         one-hot stoch ``one_hot(index)``, and the first layer gathers instead of multiplying."""
         if hot is not None and len(self.body):
-            x = self.body[1:](onehot_linear(x, self.body[0].weight, *hot))
+            x = self.body[3:](onehot_norm_silu(x, self.body[0].weight, self.body[1], *hot))
         else:
             x = self.body(x)
         return self.head(x) if self.head is not None else x

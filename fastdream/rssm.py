@@ -18,7 +18,7 @@ from fastdream.nets import (
     Stack,
     gru_gate_grouped,
     onehot,
-    onehot_linear,
+    onehot_norm_silu,
     straight_through_draw,
     unimix_index,
     unimix_logits,
@@ -90,8 +90,8 @@ class RSSM(nn.Module):
         ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows
         (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already."""
         if index is not None:
-            lin = self.dynin_stoch[0]
-            stoch_in = self.dynin_stoch[1:](onehot_linear(stoch.flatten(-2), lin.weight, index, self.classes))
+            stoch_in = onehot_norm_silu(stoch.flatten(-2), self.dynin_stoch[0].weight, self.dynin_stoch[1], index,
+                                        self.classes)
         else:
             stoch_in = self.dynin_stoch(stoch.flatten(-2))
         x = torch.cat([self.dynin_deter(deter), stoch_in, action_in], -1)

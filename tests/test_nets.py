@@ -95,6 +95,74 @@ def test_block_linear_equals_block_diagonal_matrix():
         BlockLinear(10, 6, groups=3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "dense", "groups", "classes", "out"),
+                         [(4099, 256, 32, 32, 256), (37, 0, 5, 7, 96), (33, 12, 3, 4, 272), (5, 6, 3, 4, 40)])
+def test_onehot_norm_silu_equals_the_gather_then_layer_norm_and_silu(dtype, rows, dense, groups, classes, out):
+    """The fused C++ gather + LayerNorm + SiLU (no gradient) against float64 maths on the same (bf16-rounded)
+    operands: 256 columns sum in registers, 96 and 272 end in 16-lane remainders, 40 is the scalar path;
+    ``dense = 0`` is a layer on the one-hot stoch alone (the RSSM's stoch input)."""
+    from fastdream.nets import Norm, onehot_norm_silu
+
+    torch.manual_seed(0)
+    norm = Norm(out)
+    torch.nn.init.normal_(norm.ln.weight, 1.0, 0.5)
+    torch.nn.init.normal_(norm.ln.bias, 0.0, 0.5)
+    index = torch.randint(0, classes, (rows, groups))
+    x = torch.cat([torch.randn(rows, dense), F.one_hot(index, classes).float().flatten(-2)], -1)
+    w = torch.randn(out, dense + groups * classes)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = onehot_norm_silu(x[:, :dense] if dense else x, w, norm, index, classes)
+    assert got.dtype == dtype and got.shape == (rows, out)
+    # The operands the kernel reads, rounded as it reads them; the sums and the norm in float64.
+    wq = w.to(dtype).double()
+    pre = x[:, :dense].to(dtype).double() @ wq[:, :dense].T if dense else torch.zeros(rows, out, dtype=torch.float64)
+    if dense and dtype == torch.bfloat16:
+        pre = pre.to(dtype).double()  # the dense part's matmul result is bf16 under autocast
+    pre = pre + x[:, dense:].double() @ wq[:, dense:].T
+    want = F.silu(F.layer_norm(pre, (out,), norm.ln.weight.double(), norm.ln.bias.double(), 1e-3))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    else:  # a bf16 rounding of the output, plus one of the dense part's matmul (fp32-accumulated) at ~1/16 scale
+        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=2**-8)
+    # The composed ops (embedding_bag, add, norm_silu) agree to their own roundings.
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        from fastdream.nets import norm_silu
+
+        composed = norm_silu(onehot_linear(x[:, :dense] if dense else x, w, index, classes), norm)
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(got.float(), composed.float(), rtol=tol, atol=tol)
+
+
+def test_gather_norm_silu_refuses_bad_input_before_reading_out_of_bounds():
+    import numpy as np
+
+    from fastdream import _ops
+
+    table, w, b = np.ones((8, 16), np.float32), np.ones(16, np.float32), np.zeros(16, np.float32)
+    rows, dense = np.zeros((5, 2), np.int64), np.ones((5, 16), np.float32)
+    assert _ops.gather_norm_silu(dense, table, rows, w, b, 1e-3, False, 2).shape == (5, 16)
+    bad = rows.copy()
+    bad[4, 1] = 8
+    with pytest.raises(IndexError, match=r"row index 8 outside \[0, 8\) of table \(8, 16\)"):
+        _ops.gather_norm_silu(dense, table, bad, w, b, 1e-3, False, 2)
+    bad[4, 1] = -1
+    with pytest.raises(IndexError, match="row index -1"):
+        _ops.gather_norm_silu(None, table, bad, w, b, 1e-3, False, 1)
+    with pytest.raises(TypeError, match="rows dtype int32, expected int64"):
+        _ops.gather_norm_silu(dense, table, rows.astype(np.int32), w, b, 1e-3)
+    with pytest.raises(ValueError, match=r"dense \(4, 16\) must be a C-contiguous \[5, 16\]"):
+        _ops.gather_norm_silu(dense[:4], table, rows, w, b, 1e-3)
+    with pytest.raises(TypeError, match="table dtype float64, expected float32"):
+        _ops.gather_norm_silu(dense, table.astype(np.float64), rows, w, b, 1e-3)
+    with pytest.raises(TypeError, match="dense dtype float32, expected 16-bit words"):
+        _ops.gather_norm_silu(dense, table.astype(np.int16), rows, w, b, 1e-3, True)
+    with pytest.raises(ValueError, match=r"weight \(15,\) must be a contiguous \[16\]"):
+        _ops.gather_norm_silu(dense, table, rows, w[:15], b, 1e-3)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        _ops.gather_norm_silu(dense, table, rows, w, b, -1.0)
+
+
 def test_onehot_linear_equals_the_matmul_in_values_and_weight_gradient():
     torch.manual_seed(0)
     deter, groups, classes, out = 5, 3, 4, 7
@@ -124,6 +192,8 @@ def test_mlp_onehot_path_matches_dense_path():
     index = torch.randint(0, 4, (9, 2))
     x = torch.cat([torch.randn(9, 5), torch.nn.functional.one_hot(index, 4).float().flatten(-2)], -1)
     torch.testing.assert_close(mlp(x, (index, 4)), mlp(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no gradient: the first layer, its norm and SiLU are one gather_norm_silu
+        torch.testing.assert_close(mlp(x, (index, 4)), mlp(x), rtol=1e-5, atol=1e-5)
 
 
 def test_rssm_dynhid_first_equals_block_linear_on_expanded_group_inputs():
