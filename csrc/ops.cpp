@@ -32,6 +32,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "shape_str.hpp"
 #include "simd.hpp"
 
@@ -45,6 +49,8 @@ namespace {
 // A bare "avx512f" clone (no FMA, no BW) ran norm_silu 15 % slower.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FASTDREAM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// AVX-512 with its bfloat16 dot product (Zen 4 and later, Cooper Lake, Sapphire Rapids): chosen at run time.
+#define FASTDREAM_BF16_DOT __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #else
 #define FASTDREAM_CLONES
 #endif
@@ -423,6 +429,75 @@ bool gather_norm_silu_rows_bf16(const uint16_t* dense, const uint16_t* table, co
   return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps);
 }
 
+#ifdef FASTDREAM_BF16_DOT
+// gather_norm_silu_rows for bfloat16 with C a multiple of 32, where the CPU has AVX512_BF16: each 64-byte
+// table load adds into the even and odd columns' sums by two dot products against (1, 0) and (0, 1) pairs,
+// 3 instructions per 32 columns instead of 5 (load, shift, mask, 2 adds). Exact: one product is x · 1,
+// the other 0, and the sum rounds to nearest even as an add does (denormal inputs flush to zero).
+template <int NP>
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void dot_block(const uint16_t* __restrict__ dense_row,
+                                                                       const uint16_t* __restrict__ table,
+                                                                       const int64_t* __restrict__ idx, int64_t s_count,
+                                                                       int64_t c_count, float* __restrict__ buf) {
+  const __m512bh pick_even = (__m512bh)_mm512_set1_epi32(0x00003F80), pick_odd = (__m512bh)_mm512_set1_epi32(0x3F800000);
+  __m512 even[NP], odd[NP];
+#pragma GCC unroll 8
+  for (int v = 0; v < NP; ++v) {
+    even[v] = odd[v] = _mm512_setzero_ps();
+    if (dense_row) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(dense_row + 2 * v * kLanes);
+      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
+      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
+    }
+  }
+  for (int64_t s = 0; s < s_count; ++s) {
+    const uint16_t* src = table + idx[s] * c_count;
+#pragma GCC unroll 8
+    for (int v = 0; v < NP; ++v) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(src + 2 * v * kLanes);
+      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
+      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NP; ++v) {
+    Floats lo, hi;
+    interleave((Floats)even[v], (Floats)odd[v], lo, hi);
+    store_lanes(buf + 2 * v * kLanes, lo);
+    store_lanes(buf + (2 * v + 1) * kLanes, hi);
+  }
+}
+
+FASTDREAM_BF16_DOT
+bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table, const int64_t* rows, const float* w,
+                                    const float* b, uint16_t* out, int64_t row0, int64_t row1, int64_t s_count,
+                                    int64_t r_count, int64_t c_count, float eps) {
+  std::vector<float> buf(static_cast<size_t>(c_count));
+  constexpr int64_t kBlock = 16 * kLanes;
+  for (int64_t m = row0; m < row1; ++m) {
+    const int64_t* idx = rows + m * s_count;
+    for (int64_t s = 0; s < s_count; ++s)
+      if (idx[s] < 0 || idx[s] >= r_count) return false;
+    const uint16_t* dense_row = dense ? dense + m * c_count : nullptr;
+    int64_t c = 0;
+    for (; c + kBlock <= c_count; c += kBlock)
+      dot_block<8>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
+    for (; c < c_count; c += 2 * kLanes)
+      dot_block<1>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
+    norm_silu_row(buf.data(), w, b, out + m * c_count, c_count, eps);
+  }
+  return true;
+}
+
+const bool kBf16Dot = __builtin_cpu_supports("avx512bf16");
+#else
+constexpr bool kBf16Dot = false;
+bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int64_t*, const float*, const float*,
+                                    uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+  return false;
+}
+#endif
+
 py::array gather_norm_silu(const std::optional<py::array>& dense, const py::array& table, const py::array& rows,
                            const py::array& weight, const py::array& bias, double eps, bool bfloat16, int threads) {
   check_floats(table, bfloat16, "gather_norm_silu", "table");
@@ -453,12 +528,17 @@ py::array gather_norm_silu(const std::optional<py::array>& dense, const py::arra
   const float e = static_cast<float>(eps);
   const int n = threads_for(threads, m_count, m_count * c_count * (s_count + 1));
   bool ok = true;
+  const bool dot = kBf16Dot && c_count % (2 * kLanes) == 0;
   {
     py::gil_scoped_release release;
 #pragma omp parallel for num_threads(n) schedule(static) reduction(&& : ok)
     for (int t = 0; t < n; ++t) {
       const int64_t r0 = m_count * t / n, r1 = m_count * (t + 1) / n;
-      if (bfloat16)
+      if (bfloat16 && dot)
+        ok = ok && gather_norm_silu_rows_bf16_dot(static_cast<const uint16_t*>(d), static_cast<const uint16_t*>(tab),
+                                                  r, w, b, static_cast<uint16_t*>(o), r0, r1, s_count, r_count,
+                                                  c_count, e);
+      else if (bfloat16)
         ok = ok && gather_norm_silu_rows_bf16(static_cast<const uint16_t*>(d), static_cast<const uint16_t*>(tab), r,
                                               w, b, static_cast<uint16_t*>(o), r0, r1, s_count, r_count, c_count, e);
       else

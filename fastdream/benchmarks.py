@@ -411,16 +411,27 @@ def unimix_index_case(n: int = 4096, latents: int = 32, classes: int = 32) -> Ca
                 ratios=[("unimix_index", "torch_eager"), ("unimix_index", "torch_compiled")])
 
 
-def dream_ops_case(n: int = 4096, units: int = 256, groups: int = 8, horizon: int = 15, bins: int = 255) -> Case:
+def dream_ops_case(n: int = 4096, units: int = 256, groups: int = 8, horizon: int = 15, bins: int = 255,
+                   latents: int = 32, classes: int = 32) -> Case:
     """The no-grad C++ ops of an N-dream step on bf16 inputs, each next to the same maths compiled by
-    inductor, in values/s: ``norm_silu`` on ``[N, units]``, ``gru_gate_grouped`` on the block matmul's
-    ``[G, N, 3·units/G]``, ``twohot_decode`` on the heads' ``[N·H, bins]``."""
+    inductor, in values/s: ``norm_silu`` on ``[N, units]``, ``onehot_norm_silu`` (a first layer on
+    ``[N, units]`` dense inputs and ``latents`` one-hot stoch, with its norm and SiLU), ``gru_gate_grouped``
+    on the block matmul's ``[G, N, 3·units/G]``, ``twohot_decode`` on the heads' ``[N·H, bins]``."""
     import torch
     import torch.nn.functional as F
 
     from fastdream import runtime
     from fastdream.kernels.reference import gru_gate_reference
-    from fastdream.nets import Norm, gru_gate_grouped, norm_silu, symexp, twohot_bins, twohot_decode
+    from fastdream.nets import (
+        Norm,
+        gru_gate_grouped,
+        norm_silu,
+        onehot_linear,
+        onehot_norm_silu,
+        symexp,
+        twohot_bins,
+        twohot_decode,
+    )
 
     torch.manual_seed(0)
     norm = Norm(units)
@@ -429,9 +440,23 @@ def dream_ops_case(n: int = 4096, units: int = 256, groups: int = 8, horizon: in
     bias, deter = torch.randn(3 * units) * 0.3, torch.randn(n, units)
     grid = twohot_bins(bins)
     logits = (torch.randn(n * horizon, bins) * 3).bfloat16()
+    index = torch.randint(0, classes, (n, latents))
+    weight = torch.randn(units, units + latents * classes) / 16
 
     def torch_norm_silu(v: torch.Tensor) -> torch.Tensor:
         return F.silu(norm.ln(v.float())).to(v.dtype)
+
+    def torch_onehot(v: torch.Tensor) -> torch.Tensor:
+        return torch_norm_silu(onehot_linear(v, weight, index, classes))
+
+    def fused_onehot(v: torch.Tensor) -> torch.Tensor:  # compiled too, as in a rollout: the table cast and rows fuse
+        return onehot_norm_silu(v, weight, norm, index, classes)
+
+    def bf16(fn):
+        def run(*args):
+            with torch.autocast("cpu", torch.bfloat16):
+                return fn(*args)
+        return run
 
     def torch_gate(v: torch.Tensor) -> torch.Tensor:
         return gru_gate_reference(v.transpose(0, 1).reshape(n, -1) + bias, deter, groups)
@@ -440,7 +465,8 @@ def dream_ops_case(n: int = 4096, units: int = 256, groups: int = 8, horizon: in
         return symexp((v.float().softmax(-1) * grid).sum(-1))
 
     ops = {name: runtime.compiled(fn, f"{name} (benchmark)", fn)
-           for name, fn in (("norm_silu", torch_norm_silu), ("gru_gate", torch_gate), ("twohot_decode", torch_decode))}
+           for name, fn in (("norm_silu", torch_norm_silu), ("gru_gate", torch_gate), ("twohot_decode", torch_decode),
+                            ("onehot_norm_silu", bf16(torch_onehot)), ("onehot_fused", bf16(fused_onehot)))}
 
     def no_grad(fn):
         def run():
@@ -450,13 +476,16 @@ def dream_ops_case(n: int = 4096, units: int = 256, groups: int = 8, horizon: in
 
     variants = [Variant("norm_silu", no_grad(lambda: norm_silu(x, norm)), float(x.numel())),
                 Variant("norm_silu_compiled", no_grad(lambda: ops["norm_silu"](x)), float(x.numel())),
+                # The dense inputs' matmul is part of both; values/s counts the layer's outputs.
+                Variant("onehot_norm_silu", no_grad(lambda: ops["onehot_fused"](deter)), float(x.numel())),
+                Variant("onehot_norm_silu_compiled", no_grad(lambda: ops["onehot_norm_silu"](deter)), float(x.numel())),
                 Variant("gru_gate", no_grad(lambda: gru_gate_grouped(y, bias, deter)), float(deter.numel())),
                 Variant("gru_gate_compiled", no_grad(lambda: ops["gru_gate"](y)), float(deter.numel())),
                 Variant("twohot_decode", no_grad(lambda: twohot_decode(logits, grid)), float(logits.numel())),
                 Variant("twohot_decode_compiled", no_grad(lambda: ops["twohot_decode"](logits)), float(logits.numel()))]
     return Case(name=f"dream_ops_n{n}", params={"n": n, "units": units, "groups": groups, "bins": bins},
                 unit="values/s", variants=variants,
-                ratios=[(k, f"{k}_compiled") for k in ("norm_silu", "gru_gate", "twohot_decode")])
+                ratios=[(k, f"{k}_compiled") for k in ("norm_silu", "onehot_norm_silu", "gru_gate", "twohot_decode")])
 
 
 CASES["dream"] = [lambda: dream_case("tiny", 1024), lambda: dream_case("xs", 1024), lambda: dream_case("xs", 4096),
