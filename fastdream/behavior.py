@@ -85,7 +85,7 @@ class Actor(nn.Module):
         ``tanh(mean) + std · noise`` for ``noise [N, A]`` standard normal (continuous)."""
         x = self.net(feat, hot)
         if self.discrete:
-            return onehot(unimix_index(x, noise, self.unimix), x.shape[-1], feat.dtype)
+            return onehot(unimix_index(x, noise, self.unimix), x.shape[-1], noise.dtype)
         mean, std = x.chunk(2, -1)
         std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
         return torch.tanh(mean) + std * noise
