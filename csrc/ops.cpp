@@ -277,6 +277,135 @@ __attribute__((always_inline)) inline void norm_silu_row(const float* __restrict
   }
 }
 
+#ifdef FASTDREAM_BF16_DOT
+// ---------------------------------------------------------------- AVX512_BF16 paths
+// For bfloat16 rows with C a multiple of 32 where the CPU has AVX512_BF16 (checked at run time; elsewhere
+// the clones above): the instructions GCC's vector types cannot name. vcvtne2ps2bf16 rounds two vectors to
+// nearest-even bfloat16 in one instruction (five integer ops and a word shuffle per vector otherwise),
+// vscalefps applies exp's 2^n and vrcp14ps the SiLU's reciprocal (14 bits, beyond bfloat16's 8).
+const bool kAvx512Bf16 = __builtin_cpu_supports("avx512bf16");
+
+// silu(y) = y / (1 + exp(-y)) to bfloat16 accuracy: exp(-y) = 2^n · e^r with a degree-4 polynomial,
+// -y clamped at 88 (float32's exp limit; silu is 0 there anyway), 2^n for very negative n underflows to 0.
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 silu_bf16(__m512 y) {
+  const __m512 z = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), y), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f),
+                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), z));
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 24), _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
+  const __m512 denom = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(y, _mm512_rcp14_ps(denom));
+}
+
+// norm_silu_row into bfloat16, 32 columns per step.
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void norm_silu_row_bf16(const float* __restrict__ buf,
+                                                                                const float* __restrict__ weight,
+                                                                                const float* __restrict__ bias,
+                                                                                uint16_t* __restrict__ dst,
+                                                                                int64_t c_count, float eps) {
+  const float inv_c = 1.0f / static_cast<float>(c_count);
+  const float mean = row_sum(buf, c_count, [](Floats v) { return v; }) * inv_c;
+  const float var = row_sum(buf, c_count, [mean](Floats v) { return (v - mean) * (v - mean); }) * inv_c;
+  const float rstd_f = 1.0f / std::sqrt(var + eps);
+  const __m512 rstd = _mm512_set1_ps(rstd_f), shift = _mm512_set1_ps(mean * rstd_f);
+  for (int64_t c = 0; c < c_count; c += 2 * kLanes) {
+    __m512 y[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = c + h * kLanes;
+      y[h] = _mm512_fmadd_ps(_mm512_fmsub_ps(_mm512_loadu_ps(buf + k), rstd, shift), _mm512_loadu_ps(weight + k),
+                             _mm512_loadu_ps(bias + k));
+      y[h] = silu_bf16(y[h]);
+    }
+    _mm512_storeu_si512(dst + c, (__m512i)_mm512_cvtne2ps_pbh(y[1], y[0]));
+  }
+}
+
+FASTDREAM_BF16_DOT
+void norm_silu_rows_bf16_avx512(const uint16_t* x, const float* w, const float* b, uint16_t* out, int64_t row0,
+                                int64_t row1, int64_t c_count, float eps) {
+  std::vector<float> buf(static_cast<size_t>(c_count));
+  for (int64_t m = row0; m < row1; ++m) {
+    const uint16_t* row = x + m * c_count;
+    for (int64_t c = 0; c < c_count; c += kLanes) {
+      const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c)));
+      _mm512_storeu_ps(buf.data() + c, _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)));
+    }
+    norm_silu_row_bf16(buf.data(), w, b, out + m * c_count, c_count, eps);
+  }
+}
+
+// gather_norm_silu_rows with AVX512_BF16: each 64-byte
+// table load adds into the even and odd columns' sums by two dot products against (1, 0) and (0, 1) pairs,
+// 3 instructions per 32 columns instead of 5 (load, shift, mask, 2 adds). Exact: one product is x · 1,
+// the other 0, and the sum rounds to nearest even as an add does (denormal inputs flush to zero).
+template <int NP>
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void dot_block(const uint16_t* __restrict__ dense_row,
+                                                                       const uint16_t* __restrict__ table,
+                                                                       const int64_t* __restrict__ idx, int64_t s_count,
+                                                                       int64_t c_count, float* __restrict__ buf) {
+  const __m512bh pick_even = (__m512bh)_mm512_set1_epi32(0x00003F80), pick_odd = (__m512bh)_mm512_set1_epi32(0x3F800000);
+  __m512 even[NP], odd[NP];
+#pragma GCC unroll 8
+  for (int v = 0; v < NP; ++v) {
+    even[v] = odd[v] = _mm512_setzero_ps();
+    if (dense_row) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(dense_row + 2 * v * kLanes);
+      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
+      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
+    }
+  }
+  for (int64_t s = 0; s < s_count; ++s) {
+    const uint16_t* src = table + idx[s] * c_count;
+#pragma GCC unroll 8
+    for (int v = 0; v < NP; ++v) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(src + 2 * v * kLanes);
+      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
+      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NP; ++v) {
+    Floats lo, hi;
+    interleave((Floats)even[v], (Floats)odd[v], lo, hi);
+    store_lanes(buf + 2 * v * kLanes, lo);
+    store_lanes(buf + (2 * v + 1) * kLanes, hi);
+  }
+}
+
+FASTDREAM_BF16_DOT
+bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table, const int64_t* rows, const float* w,
+                                    const float* b, uint16_t* out, int64_t row0, int64_t row1, int64_t s_count,
+                                    int64_t r_count, int64_t c_count, float eps) {
+  std::vector<float> buf(static_cast<size_t>(c_count));
+  constexpr int64_t kBlock = 16 * kLanes;
+  for (int64_t m = row0; m < row1; ++m) {
+    const int64_t* idx = rows + m * s_count;
+    for (int64_t s = 0; s < s_count; ++s)
+      if (idx[s] < 0 || idx[s] >= r_count) return false;
+    const uint16_t* dense_row = dense ? dense + m * c_count : nullptr;
+    int64_t c = 0;
+    for (; c + kBlock <= c_count; c += kBlock)
+      dot_block<8>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
+    for (; c < c_count; c += 2 * kLanes)
+      dot_block<1>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
+    norm_silu_row_bf16(buf.data(), w, b, out + m * c_count, c_count, eps);
+  }
+  return true;
+}
+#else
+constexpr bool kAvx512Bf16 = false;
+void norm_silu_rows_bf16_avx512(const uint16_t*, const float*, const float*, uint16_t*, int64_t, int64_t, int64_t,
+                                float) {}
+bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int64_t*, const float*, const float*,
+                                    uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+  return false;
+}
+#endif
+
 // norm_silu over rows [row0, row1) of x [M, C]; buf holds one row in float32.
 template <typename T>
 __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ x, const float* __restrict__ weight,
@@ -327,12 +456,16 @@ py::array norm_silu(const py::array& x, const py::array& weight, const py::array
   void* dst = out.mutable_data();
   const float e = static_cast<float>(eps);
   const int n = threads_for(threads, m_count, m_count * c_count);
+  const bool fast = kAvx512Bf16 && c_count % (2 * kLanes) == 0;
   {
     py::gil_scoped_release release;
 #pragma omp parallel for num_threads(n) schedule(static)
     for (int t = 0; t < n; ++t) {
       const int64_t r0 = m_count * t / n, r1 = m_count * (t + 1) / n;
-      if (bfloat16)
+      if (bfloat16 && fast)
+        norm_silu_rows_bf16_avx512(static_cast<const uint16_t*>(src), w, b, static_cast<uint16_t*>(dst), r0, r1,
+                                   c_count, e);
+      else if (bfloat16)
         norm_silu_rows_bf16(static_cast<const uint16_t*>(src), w, b, static_cast<uint16_t*>(dst), r0, r1, c_count, e);
       else
         norm_silu_rows_f32(static_cast<const float*>(src), w, b, static_cast<float*>(dst), r0, r1, c_count, e);
@@ -429,74 +562,6 @@ bool gather_norm_silu_rows_bf16(const uint16_t* dense, const uint16_t* table, co
   return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps);
 }
 
-#ifdef FASTDREAM_BF16_DOT
-// gather_norm_silu_rows for bfloat16 with C a multiple of 32, where the CPU has AVX512_BF16: each 64-byte
-// table load adds into the even and odd columns' sums by two dot products against (1, 0) and (0, 1) pairs,
-// 3 instructions per 32 columns instead of 5 (load, shift, mask, 2 adds). Exact: one product is x · 1,
-// the other 0, and the sum rounds to nearest even as an add does (denormal inputs flush to zero).
-template <int NP>
-FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void dot_block(const uint16_t* __restrict__ dense_row,
-                                                                       const uint16_t* __restrict__ table,
-                                                                       const int64_t* __restrict__ idx, int64_t s_count,
-                                                                       int64_t c_count, float* __restrict__ buf) {
-  const __m512bh pick_even = (__m512bh)_mm512_set1_epi32(0x00003F80), pick_odd = (__m512bh)_mm512_set1_epi32(0x3F800000);
-  __m512 even[NP], odd[NP];
-#pragma GCC unroll 8
-  for (int v = 0; v < NP; ++v) {
-    even[v] = odd[v] = _mm512_setzero_ps();
-    if (dense_row) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(dense_row + 2 * v * kLanes);
-      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
-      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
-    }
-  }
-  for (int64_t s = 0; s < s_count; ++s) {
-    const uint16_t* src = table + idx[s] * c_count;
-#pragma GCC unroll 8
-    for (int v = 0; v < NP; ++v) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(src + 2 * v * kLanes);
-      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
-      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
-    }
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < NP; ++v) {
-    Floats lo, hi;
-    interleave((Floats)even[v], (Floats)odd[v], lo, hi);
-    store_lanes(buf + 2 * v * kLanes, lo);
-    store_lanes(buf + (2 * v + 1) * kLanes, hi);
-  }
-}
-
-FASTDREAM_BF16_DOT
-bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table, const int64_t* rows, const float* w,
-                                    const float* b, uint16_t* out, int64_t row0, int64_t row1, int64_t s_count,
-                                    int64_t r_count, int64_t c_count, float eps) {
-  std::vector<float> buf(static_cast<size_t>(c_count));
-  constexpr int64_t kBlock = 16 * kLanes;
-  for (int64_t m = row0; m < row1; ++m) {
-    const int64_t* idx = rows + m * s_count;
-    for (int64_t s = 0; s < s_count; ++s)
-      if (idx[s] < 0 || idx[s] >= r_count) return false;
-    const uint16_t* dense_row = dense ? dense + m * c_count : nullptr;
-    int64_t c = 0;
-    for (; c + kBlock <= c_count; c += kBlock)
-      dot_block<8>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
-    for (; c < c_count; c += 2 * kLanes)
-      dot_block<1>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
-    norm_silu_row(buf.data(), w, b, out + m * c_count, c_count, eps);
-  }
-  return true;
-}
-
-const bool kBf16Dot = __builtin_cpu_supports("avx512bf16");
-#else
-constexpr bool kBf16Dot = false;
-bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int64_t*, const float*, const float*,
-                                    uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
-  return false;
-}
-#endif
 
 py::array gather_norm_silu(const std::optional<py::array>& dense, const py::array& table, const py::array& rows,
                            const py::array& weight, const py::array& bias, double eps, bool bfloat16, int threads) {
@@ -528,7 +593,7 @@ py::array gather_norm_silu(const std::optional<py::array>& dense, const py::arra
   const float e = static_cast<float>(eps);
   const int n = threads_for(threads, m_count, m_count * c_count * (s_count + 1));
   bool ok = true;
-  const bool dot = kBf16Dot && c_count % (2 * kLanes) == 0;
+  const bool dot = kAvx512Bf16 && c_count % (2 * kLanes) == 0;
   {
     py::gil_scoped_release release;
 #pragma omp parallel for num_threads(n) schedule(static) reduction(&& : ok)
