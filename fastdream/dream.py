@@ -133,18 +133,33 @@ def _compiled(world_model: WorldModel, actor: Actor, onehot: bool) -> Callable:
     return runtime.compiled((world_model, actor), f"rollout onehot={onehot}", fn)
 
 
-def _heads(world_model: WorldModel, nxt: torch.Tensor, index: torch.Tensor | None
+def _window(x: torch.Tensor, start: int) -> torch.Tensor:
+    """The H states of ``x [N, H+1, ·]`` from ``start`` (0: s_0..s_{H-1}, 1: s_1..s_H), as a matmul reads
+    them: a bf16 sequence (a gathered rollout's) is copied contiguous here, inside the compiled graph
+    (a strided ``[N, H, D]`` matmul input became a batched matmul; an eager copy ran on one thread)."""
+    x = x[:, start: start + x.shape[1] - 1]
+    return x.contiguous() if x.dtype != torch.float32 else x
+
+
+def _heads(world_model: WorldModel, feat: torch.Tensor, index: torch.Tensor | None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reward and continue predicted at the dreamed states ``nxt [N, H, ·]`` (``index``: their classes)."""
-    hot = None if index is None else (index, world_model.rssm.classes)
-    nxt = autocast_input(nxt)  # one cast for both heads
+    """Reward and continue predicted at the dreamed states s_1..s_H of ``feat [N, H+1, ·]`` (``index``: the
+    classes of all H+1)."""
+    hot = None if index is None else (index[:, 1:], world_model.rssm.classes)
+    nxt = autocast_input(_window(feat, 1))  # one cast for both heads
     return world_model.reward(nxt, hot), world_model.cont(nxt, hot)
 
 
 def _compiled_heads(world_model: WorldModel) -> Callable:
     """``_heads`` compiled (no-grad dreams of the compile engine): inductor fuses the heads' norms,
     activations and the two-hot softmax/decode, which measured ~45 ms eager at N=1024, H=15, xs."""
-    return runtime.compiled(world_model, "dream heads", lambda nxt, index: _heads(world_model, nxt, index))
+    return runtime.compiled(world_model, "dream heads", lambda feat, index: _heads(world_model, feat, index))
+
+
+def _policy_terms(policy: Actor, feat: torch.Tensor, action: torch.Tensor, index: torch.Tensor | None,
+                  classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``policy.log_prob`` of the actions taken at s_0..s_{H-1} of ``feat [N, H+1, ·]``."""
+    return policy.log_prob(_window(feat, 0), action, None if index is None else (index[:, :-1], classes))
 
 
 def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch, noise_action, onehot: bool):
@@ -238,18 +253,17 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
         feat = world_model.rssm.feat(deter_seq, stoch_seq)
     if augment is not None:
         feat, index = augment(feat), None  # an augmentation may leave the one-hot layout
-    nxt, cur = feat[:, 1:], feat[:, :-1]
-    if feat.dtype != torch.float32:  # bf16 from a gathered rollout: no cast copies them, so copy here (a strided
-        nxt, cur = nxt.contiguous(), cur.contiguous()  # [N, H, D] matmul input would become a batched matmul)
-    log_prob = runtime.compiled(policy, "log_prob", policy.log_prob) if engine == "compile" else policy.log_prob
-    logprob, entropy = log_prob(cur if grad else cur.detach(), action.detach(),
-                                None if index is None else (index[:, :-1], k))
+    if engine == "compile":
+        terms = runtime.compiled(policy, f"log_prob classes={k}",
+                                 lambda f, a, i: _policy_terms(policy, f, a, i, k))
+    else:
+        terms = lambda f, a, i: _policy_terms(policy, f, a, i, k)  # noqa: E731
+    logprob, entropy = terms(feat if grad else feat.detach(), action.detach(), index)
     # Without gradients through the dynamics the world-model heads need no graph either.
     with torch.set_grad_enabled(grad):
-        nxt_index = None if index is None else index[:, 1:]
         if engine == "compile" and not grad:
-            reward, cont = _compiled_heads(world_model)(nxt, nxt_index)
+            reward, cont = _compiled_heads(world_model)(feat, index)
         else:
-            reward, cont = _heads(world_model, nxt, nxt_index)
+            reward, cont = _heads(world_model, feat, index)
     return {"feat": feat, "action": action, "reward": reward, "cont": cont, "logprob": logprob,
             "entropy": entropy, "index": index, "classes": k}

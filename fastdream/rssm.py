@@ -112,7 +112,7 @@ class RSSM(nn.Module):
         own_w, shared_w = weights if weights is not None else self.dynhid_weights()
         g, dg = self.blocks, self.deter // self.blocks
         lead = deter.shape[:-1]
-        own = torch.bmm(deter.reshape(-1, g, dg).transpose(0, 1), own_w).transpose(0, 1)  # [N, G, D/G]
+        own = torch.bmm(deter.reshape(-1, g, dg).transpose(0, 1).contiguous(), own_w).transpose(0, 1)  # [N, G, D/G]
         return own.reshape(*lead, -1) + x @ shared_w + self.dynhid[0].bias
 
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
