@@ -277,6 +277,20 @@ __attribute__((always_inline)) inline void norm_silu_row(const float* __restrict
   }
 }
 
+// Row m's output goes straight into out [M, C], or with groups > 1 through tmp [C] into out [G, M, C/G]
+// (group g of every row contiguous: the layout a block matmul's bmm reads, so no transposed copy follows).
+template <typename T>
+__attribute__((always_inline)) inline T* row_out(T* out, T* tmp, int64_t m, int64_t c_count, int64_t groups) {
+  return groups > 1 ? tmp : out + m * c_count;
+}
+template <typename T>
+__attribute__((always_inline)) inline void scatter_groups(const T* tmp, T* out, int64_t m, int64_t m_count,
+                                                          int64_t c_count, int64_t groups) {
+  if (groups <= 1) return;
+  const int64_t cg = c_count / groups;
+  for (int64_t g = 0; g < groups; ++g) std::memcpy(out + (g * m_count + m) * cg, tmp + g * cg, cg * sizeof(T));
+}
+
 #ifdef FASTDREAM_BF16_DOT
 // ---------------------------------------------------------------- AVX512_BF16 paths
 // For bfloat16 rows with C a multiple of 32 where the CPU has AVX512_BF16 (checked at run time; elsewhere
@@ -326,15 +340,17 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void norm_silu_row_bf16
 
 FASTDREAM_BF16_DOT
 void norm_silu_rows_bf16_avx512(const uint16_t* x, const float* w, const float* b, uint16_t* out, int64_t row0,
-                                int64_t row1, int64_t c_count, float eps) {
+                                int64_t row1, int64_t m_count, int64_t c_count, int64_t groups, float eps) {
   std::vector<float> buf(static_cast<size_t>(c_count));
+  std::vector<uint16_t> tmp(static_cast<size_t>(c_count));
   for (int64_t m = row0; m < row1; ++m) {
     const uint16_t* row = x + m * c_count;
     for (int64_t c = 0; c < c_count; c += kLanes) {
       const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c)));
       _mm512_storeu_ps(buf.data() + c, _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)));
     }
-    norm_silu_row_bf16(buf.data(), w, b, out + m * c_count, c_count, eps);
+    norm_silu_row_bf16(buf.data(), w, b, row_out(out, tmp.data(), m, c_count, groups), c_count, eps);
+    scatter_groups(tmp.data(), out, m, m_count, c_count, groups);
   }
 }
 
@@ -399,7 +415,7 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
 #else
 constexpr bool kAvx512Bf16 = false;
 void norm_silu_rows_bf16_avx512(const uint16_t*, const float*, const float*, uint16_t*, int64_t, int64_t, int64_t,
-                                float) {}
+                                int64_t, int64_t, float) {}
 bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int64_t*, const float*, const float*,
                                     uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
   return false;
@@ -410,29 +426,30 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int6
 template <typename T>
 __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ x, const float* __restrict__ weight,
                                                           const float* __restrict__ bias, T* __restrict__ out,
-                                                          int64_t row0, int64_t row1, int64_t c_count, float eps,
-                                                          float* __restrict__ buf) {
+                                                          int64_t row0, int64_t row1, int64_t m_count, int64_t c_count,
+                                                          int64_t groups, float eps) {
+  std::vector<float> buf(static_cast<size_t>(c_count));
+  std::vector<T> tmp(static_cast<size_t>(c_count));
   for (int64_t m = row0; m < row1; ++m) {
     const T* row = x + m * c_count;
     int64_t c = 0;
-    for (; c + kLanes <= c_count; c += kLanes) store_lanes(buf + c, load_row(row + c));
+    for (; c + kLanes <= c_count; c += kLanes) store_lanes(buf.data() + c, load_row(row + c));
     for (; c < c_count; ++c) buf[c] = load_float(row, c);
-    norm_silu_row(buf, weight, bias, out + m * c_count, c_count, eps);
+    norm_silu_row(buf.data(), weight, bias, row_out(out, tmp.data(), m, c_count, groups), c_count, eps);
+    scatter_groups(tmp.data(), out, m, m_count, c_count, groups);
   }
 }
 
 FASTDREAM_CLONES
 void norm_silu_rows_f32(const float* x, const float* w, const float* b, float* out, int64_t row0, int64_t row1,
-                        int64_t c_count, float eps) {
-  std::vector<float> buf(static_cast<size_t>(c_count));
-  norm_silu_rows(x, w, b, out, row0, row1, c_count, eps, buf.data());
+                        int64_t m_count, int64_t c_count, int64_t groups, float eps) {
+  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps);
 }
 
 FASTDREAM_CLONES
 void norm_silu_rows_bf16(const uint16_t* x, const float* w, const float* b, uint16_t* out, int64_t row0,
-                         int64_t row1, int64_t c_count, float eps) {
-  std::vector<float> buf(static_cast<size_t>(c_count));
-  norm_silu_rows(x, w, b, out, row0, row1, c_count, eps, buf.data());
+                         int64_t row1, int64_t m_count, int64_t c_count, int64_t groups, float eps) {
+  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps);
 }
 
 // Rows of work per thread: all rows to one thread below ~64k elements.
@@ -441,7 +458,7 @@ int threads_for(int threads, int64_t rows, int64_t elements) {
 }
 
 py::array norm_silu(const py::array& x, const py::array& weight, const py::array& bias, double eps, bool bfloat16,
-                    int threads) {
+                    int threads, int64_t groups) {
   check_floats(x, bfloat16, "norm_silu", "x");
   if (x.ndim() != 2 || x.shape(1) < 1 || !(x.flags() & py::array::c_style))
     throw py::value_error("norm_silu: x " + shape_of(x) + " must be a C-contiguous [M, C] with C >= 1");
@@ -449,7 +466,11 @@ py::array norm_silu(const py::array& x, const py::array& weight, const py::array
   check_vector(weight, c_count, "norm_silu", "weight");
   check_vector(bias, c_count, "norm_silu", "bias");
   if (!(eps > 0.0)) throw py::value_error("norm_silu: eps must be > 0, got " + std::to_string(eps));
-  py::array out(x.dtype(), {m_count, c_count});
+  if (groups < 1 || c_count % groups != 0)
+    throw py::value_error("norm_silu: groups " + std::to_string(groups) + " must be >= 1 and divide C = " +
+                          std::to_string(c_count));
+  py::array out = groups > 1 ? py::array(x.dtype(), {groups, m_count, c_count / groups})
+                             : py::array(x.dtype(), {m_count, c_count});
   const auto* w = static_cast<const float*>(weight.data());
   const auto* b = static_cast<const float*>(bias.data());
   const void* src = x.data();
@@ -464,11 +485,13 @@ py::array norm_silu(const py::array& x, const py::array& weight, const py::array
       const int64_t r0 = m_count * t / n, r1 = m_count * (t + 1) / n;
       if (bfloat16 && fast)
         norm_silu_rows_bf16_avx512(static_cast<const uint16_t*>(src), w, b, static_cast<uint16_t*>(dst), r0, r1,
-                                   c_count, e);
+                                   m_count, c_count, groups, e);
       else if (bfloat16)
-        norm_silu_rows_bf16(static_cast<const uint16_t*>(src), w, b, static_cast<uint16_t*>(dst), r0, r1, c_count, e);
+        norm_silu_rows_bf16(static_cast<const uint16_t*>(src), w, b, static_cast<uint16_t*>(dst), r0, r1, m_count,
+                            c_count, groups, e);
       else
-        norm_silu_rows_f32(static_cast<const float*>(src), w, b, static_cast<float*>(dst), r0, r1, c_count, e);
+        norm_silu_rows_f32(static_cast<const float*>(src), w, b, static_cast<float*>(dst), r0, r1, m_count, c_count,
+                           groups, e);
     }
   }
   return out;
@@ -786,9 +809,10 @@ PYBIND11_MODULE(_ops, m) {
         "index [M] int64: inverse-CDF draw from (1 - unimix) softmax(logits) + unimix / K for logits [M, K]\n"
         "(float32, or bfloat16 passed as 16-bit words with bfloat16=True) and one uniform noise [M] float32 per row.");
   m.def("norm_silu", &norm_silu, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
-        py::arg("bfloat16") = false, py::arg("threads") = 1,
+        py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("groups") = 1,
         "[M, C] of x's dtype: silu(layer_norm(x) * weight + bias) per row of x [M, C] (float32, or bfloat16 as\n"
-        "16-bit words with bfloat16=True), weight and bias [C] float32; the maths in float32.");
+        "16-bit words with bfloat16=True), weight and bias [C] float32; the maths in float32. groups > 1: the\n"
+        "result laid out [G, M, C/G] (column block g of every row together), as a block matmul reads it.");
   m.def("gather_norm_silu", &gather_norm_silu, py::arg("dense"), py::arg("table"), py::arg("rows"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("bfloat16") = false, py::arg("threads") = 1,
         "[M, C] of table's dtype: silu(layer_norm(dense[m] + sum_s table[rows[m, s]]) * weight + bias) per row m, for\n"

@@ -17,6 +17,7 @@ from fastdream.nets import (
     Norm,
     Stack,
     gru_gate_grouped,
+    norm_silu,
     onehot,
     onehot_norm_silu,
     straight_through_draw,
@@ -80,22 +81,27 @@ class RSSM(nn.Module):
                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The next deter ``[N, D]``: the gate maths on ``gate_inputs`` (same arguments), fused with the GRU's
         bias on the block matmul's output (``nets.gru_gate_grouped``)."""
-        y = self.gru.grouped(self.gru_input(deter, stoch, action_in, index, weights))
+        y = torch.bmm(self.gru_input(deter, stoch, action_in, index, weights, grouped=True), self.gru.weight)
         return gru_gate_grouped(y, self.gru.bias, deter)
 
     def gru_input(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
                   index: torch.Tensor | None = None,
-                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = False) -> torch.Tensor:
         """The block GRU's input ``[N, D]`` (dynhid's output) from ``action_in = action_input(action)``.
         ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows
-        (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already."""
+        (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already. ``grouped``: laid out
+        ``[G, N, D/G]`` for the block matmul (``nets.norm_silu`` writes it so; no transposed copy)."""
         if index is not None:
             stoch_in = onehot_norm_silu(stoch.flatten(-2), self.dynin_stoch[0].weight, self.dynin_stoch[1], index,
                                         self.classes)
         else:
             stoch_in = self.dynin_stoch(stoch.flatten(-2))
         x = torch.cat([self.dynin_deter(deter), stoch_in, action_in], -1)
-        return self.dynhid[1:](self.dynhid_first(deter, x, weights))
+        h = self.dynhid_first(deter, x, weights)
+        if grouped and len(self.dynhid) == 3:  # one layer: its Norm and SiLU write the grouped layout
+            return norm_silu(h, self.dynhid[1], self.blocks)
+        h = self.dynhid[1:](h)
+        return h.reshape(-1, self.blocks, self.deter // self.blocks).transpose(0, 1).contiguous() if grouped else h
 
     def dynhid_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first dynhid layer's weight split as ``dynhid_first`` reads it: ``own [G, D/G, D/G]`` and
