@@ -119,7 +119,8 @@ class RSSM(nn.Module):
         g, dg = self.blocks, self.deter // self.blocks
         lead = deter.shape[:-1]
         own = torch.bmm(deter.reshape(-1, g, dg).transpose(0, 1).contiguous(), own_w).transpose(0, 1)  # [N, G, D/G]
-        return own.reshape(*lead, -1) + x @ shared_w + self.dynhid[0].bias
+        # The bias in the matmuls' dtype: a float32 bias made the sum, its Norm+SiLU and the GRU's input float32.
+        return own.reshape(*lead, -1) + x @ shared_w + self.dynhid[0].bias.to(own.dtype)
 
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
              index: torch.Tensor | None = None) -> torch.Tensor:
