@@ -493,6 +493,28 @@ def test_norm_silu_equals_layer_norm_then_silu(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "groups", "cg"), [(4099, 8, 32), (37, 4, 24), (5, 3, 7)])
+def test_norm_silu_groups_writes_the_block_matmul_layout(dtype, rows, groups, cg):
+    """``groups``: the same values laid out ``[G, M, C/G]``, for the 16-lane (256 and 96 columns) and
+    scalar (21) paths; with a gradient the torch maths give the same layout."""
+    from fastdream.nets import Norm, norm_silu
+
+    torch.manual_seed(0)
+    norm = Norm(groups * cg)
+    torch.nn.init.normal_(norm.ln.bias, 0.0, 0.5)
+    x = (torch.randn(rows, groups * cg) * 3).to(dtype)
+    with torch.no_grad():
+        flat = norm_silu(x, norm)
+        grouped = norm_silu(x, norm, groups)
+    assert grouped.shape == (groups, rows, cg) and grouped.is_contiguous() and grouped.dtype == dtype
+    assert torch.equal(grouped, flat.reshape(rows, groups, cg).transpose(0, 1))
+    y = norm_silu(x.float(), norm, groups)
+    assert y.requires_grad and y.shape == (groups, rows, cg) and y.is_contiguous()
+    torch.testing.assert_close(y.detach(), flat.float().reshape(rows, groups, cg).transpose(0, 1),
+                               rtol=2**-8, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("groups", "rows", "dg"), [(8, 4099, 32), (4, 37, 24), (3, 5, 7)])
 def test_gru_gate_grouped_equals_the_reference_gate(dtype, groups, rows, dg):
     """The C++ block-GRU update on the block matmul's own output ``[G, N, 3 D/G]`` against
@@ -536,6 +558,8 @@ def test_norm_silu_and_gru_gate_refuse_bad_input():
         _ops.norm_silu(np.ones((16, 8), np.float32).T, w, b, 1e-3)
     with pytest.raises(ValueError, match="eps must be > 0"):
         _ops.norm_silu(x, w, b, 0.0)
+    with pytest.raises(ValueError, match="groups 3 must be >= 1 and divide C = 16"):
+        _ops.norm_silu(x, w, b, 1e-3, False, 1, 3)
     y, bias, deter = np.ones((2, 8, 6), np.float32), np.zeros(12, np.float32), np.zeros((8, 4), np.float32)
     assert _ops.gru_gate(y, bias, deter).shape == (8, 4)
     with pytest.raises(ValueError, match=r"y \(2, 8, 6\) and deter \(8, 5\) must be \[G, N, 3 D/G\] and \[N, D\]"):
