@@ -374,7 +374,25 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void dot_block(const ui
       odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
     }
   }
-  for (int64_t s = 0; s < s_count; ++s) {
+  // Latents in pairs into two sets of sums, so each sum's chain of dependent dot products is S/2 long.
+  __m512 even2[NP], odd2[NP];
+#pragma GCC unroll 8
+  for (int v = 0; v < NP; ++v) even2[v] = odd2[v] = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + 1 < s_count; s += 2) {
+    const uint16_t* src = table + idx[s] * c_count;
+    const uint16_t* src2 = table + idx[s + 1] * c_count;
+#pragma GCC unroll 8
+    for (int v = 0; v < NP; ++v) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(src + 2 * v * kLanes);
+      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
+      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
+      const __m512bh w2 = (__m512bh)_mm512_loadu_si512(src2 + 2 * v * kLanes);
+      even2[v] = _mm512_dpbf16_ps(even2[v], w2, pick_even);
+      odd2[v] = _mm512_dpbf16_ps(odd2[v], w2, pick_odd);
+    }
+  }
+  for (; s < s_count; ++s) {
     const uint16_t* src = table + idx[s] * c_count;
 #pragma GCC unroll 8
     for (int v = 0; v < NP; ++v) {
@@ -385,6 +403,8 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void dot_block(const ui
   }
 #pragma GCC unroll 8
   for (int v = 0; v < NP; ++v) {
+    even[v] = _mm512_add_ps(even[v], even2[v]);
+    odd[v] = _mm512_add_ps(odd[v], odd2[v]);
     Floats lo, hi;
     interleave((Floats)even[v], (Floats)odd[v], lo, hi);
     store_lanes(buf + 2 * v * kLanes, lo);
@@ -397,7 +417,7 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
                                     const float* b, uint16_t* out, int64_t row0, int64_t row1, int64_t s_count,
                                     int64_t r_count, int64_t c_count, float eps) {
   std::vector<float> buf(static_cast<size_t>(c_count));
-  constexpr int64_t kBlock = 16 * kLanes;
+  constexpr int64_t kBlock = 8 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
     const int64_t* idx = rows + m * s_count;
     for (int64_t s = 0; s < s_count; ++s)
@@ -405,7 +425,7 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
     const uint16_t* dense_row = dense ? dense + m * c_count : nullptr;
     int64_t c = 0;
     for (; c + kBlock <= c_count; c += kBlock)
-      dot_block<8>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
+      dot_block<4>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
     for (; c < c_count; c += 2 * kLanes)
       dot_block<1>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
     norm_silu_row_bf16(buf.data(), w, b, out + m * c_count, c_count, eps);
