@@ -299,9 +299,9 @@ __attribute__((always_inline)) inline void scatter_groups(const T* tmp, T* out, 
 // vscalefps applies exp's 2^n and vrcp14ps the SiLU's reciprocal (14 bits, beyond bfloat16's 8).
 const bool kAvx512Bf16 = __builtin_cpu_supports("avx512bf16");
 
-// silu(y) = y / (1 + exp(-y)) to bfloat16 accuracy: exp(-y) = 2^n · e^r with a degree-4 polynomial,
-// -y clamped at 88 (float32's exp limit; silu is 0 there anyway), 2^n for very negative n underflows to 0.
-FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 silu_bf16(__m512 y) {
+// exp(-y) = 2^n · e^r with a degree-4 polynomial (~4e-5, bfloat16 accuracy), -y clamped at 88 (float32's
+// exp limit), 2^n for very negative n underflowing to 0; silu(y) = y / (1 + exp(-y)).
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 exp_neg(__m512 y) {
   const __m512 z = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), y), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -311,8 +311,23 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 silu_bf16(__m512
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
-  const __m512 denom = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
-  return _mm512_mul_ps(y, _mm512_rcp14_ps(denom));
+  return _mm512_scalef_ps(p, n);
+}
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 silu_bf16(__m512 y) {
+  return _mm512_mul_ps(y, _mm512_rcp14_ps(_mm512_add_ps(exp_neg(y), _mm512_set1_ps(1.0f))));
+}
+
+// σ(v) for the GRU's float32 state: exp_neg's ~4e-5 (the inputs are bf16 matmul outputs) and one Newton
+// step on vrcp14ps (~1e-8), where a division took a divider slot per vector.
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 sigmoid_avx512(__m512 v) {
+  const __m512 d = _mm512_add_ps(exp_neg(v), _mm512_set1_ps(1.0f));
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 load_bf16(const uint16_t* p) {
+  const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
 }
 
 // norm_silu_row into bfloat16, 32 columns per step.
@@ -345,10 +360,7 @@ void norm_silu_rows_bf16_avx512(const uint16_t* x, const float* w, const float* 
   std::vector<uint16_t> tmp(static_cast<size_t>(c_count));
   for (int64_t m = row0; m < row1; ++m) {
     const uint16_t* row = x + m * c_count;
-    for (int64_t c = 0; c < c_count; c += kLanes) {
-      const __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c)));
-      _mm512_storeu_ps(buf.data() + c, _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)));
-    }
+    for (int64_t c = 0; c < c_count; c += kLanes) _mm512_storeu_ps(buf.data() + c, load_bf16(row + c));
     norm_silu_row_bf16(buf.data(), w, b, row_out(out, tmp.data(), m, c_count, groups), c_count, eps);
     scatter_groups(tmp.data(), out, m, m_count, c_count, groups);
   }
@@ -432,8 +444,34 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
   }
   return true;
 }
+
+// gru_gate_rows (below) for bfloat16 y with D/G a multiple of 16.
+FASTDREAM_BF16_DOT
+void gru_gate_rows_bf16_avx512(const uint16_t* y, const float* bias, const float* deter, float* out, int64_t row0,
+                               int64_t row1, int64_t n_count, int64_t groups, int64_t dg) {
+  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
+  for (int64_t n = row0; n < row1; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint16_t* src = y + (g * n_count + n) * 3 * dg;
+      const float* b = bias + g * 3 * dg;
+      const float* h = deter + n * groups * dg + g * dg;
+      float* dst = out + n * groups * dg + g * dg;
+      for (int64_t j = 0; j < dg; j += kLanes) {
+        const __m512 reset = sigmoid_avx512(_mm512_add_ps(load_bf16(src + j), _mm512_loadu_ps(b + j)));
+        const __m512 c = _mm512_add_ps(load_bf16(src + dg + j), _mm512_loadu_ps(b + dg + j));
+        const __m512 cand = _mm512_fmsub_ps(two, sigmoid_avx512(_mm512_mul_ps(_mm512_mul_ps(two, reset), c)), one);
+        const __m512 u = _mm512_add_ps(load_bf16(src + 2 * dg + j), _mm512_loadu_ps(b + 2 * dg + j));
+        const __m512 update = sigmoid_avx512(_mm512_sub_ps(u, one));
+        const __m512 old = _mm512_loadu_ps(h + j);
+        _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(update, _mm512_sub_ps(cand, old), old));
+      }
+    }
+  }
+}
 #else
 constexpr bool kAvx512Bf16 = false;
+void gru_gate_rows_bf16_avx512(const uint16_t*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
+                               int64_t) {}
 void norm_silu_rows_bf16_avx512(const uint16_t*, const float*, const float*, uint16_t*, int64_t, int64_t, int64_t,
                                 int64_t, int64_t, float) {}
 bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int64_t*, const float*, const float*,
@@ -727,12 +765,15 @@ py::array_t<float> gru_gate(const py::array& y, const py::array& bias, const py:
   const auto* h = static_cast<const float*>(deter.data());
   auto* o = static_cast<float*>(out.mutable_data());
   const int n = threads_for(threads, n_count, n_count * groups * dg * 3);
+  const bool fast = kAvx512Bf16 && dg % kLanes == 0;
   {
     py::gil_scoped_release release;
 #pragma omp parallel for num_threads(n) schedule(static)
     for (int t = 0; t < n; ++t) {
       const int64_t r0 = n_count * t / n, r1 = n_count * (t + 1) / n;
-      if (bfloat16)
+      if (bfloat16 && fast)
+        gru_gate_rows_bf16_avx512(static_cast<const uint16_t*>(src), b, h, o, r0, r1, n_count, groups, dg);
+      else if (bfloat16)
         gru_gate_rows_bf16(static_cast<const uint16_t*>(src), b, h, o, r0, r1, n_count, groups, dg);
       else
         gru_gate_rows_f32(static_cast<const float*>(src), b, h, o, r0, r1, n_count, groups, dg);
