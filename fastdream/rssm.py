@@ -20,6 +20,7 @@ from fastdream.nets import (
     norm_silu,
     onehot,
     onehot_norm_silu,
+    onehot_table,
     straight_through_draw,
     unimix_index,
     unimix_logits,
@@ -78,22 +79,25 @@ class RSSM(nn.Module):
 
     def gru_step(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
                  index: torch.Tensor | None = None,
-                 weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 table: torch.Tensor | None = None) -> torch.Tensor:
         """The next deter ``[N, D]``: the gate maths on ``gate_inputs`` (same arguments), fused with the GRU's
         bias on the block matmul's output (``nets.gru_gate_grouped``)."""
-        y = torch.bmm(self.gru_input(deter, stoch, action_in, index, weights, grouped=True), self.gru.weight)
+        y = torch.bmm(self.gru_input(deter, stoch, action_in, index, weights, True, table), self.gru.weight)
         return gru_gate_grouped(y, self.gru.bias, deter)
 
     def gru_input(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
                   index: torch.Tensor | None = None,
-                  weights: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = False) -> torch.Tensor:
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = False,
+                  table: torch.Tensor | None = None) -> torch.Tensor:
         """The block GRU's input ``[N, D]`` (dynhid's output) from ``action_in = action_input(action)``.
         ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows
         (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already. ``grouped``: laid out
-        ``[G, N, D/G]`` for the block matmul (``nets.norm_silu`` writes it so; no transposed copy)."""
+        ``[G, N, D/G]`` for the block matmul (``nets.norm_silu`` writes it so; no transposed copy). ``table``:
+        ``stoch_table()`` built already."""
         if index is not None:
             stoch_in = onehot_norm_silu(stoch.flatten(-2), self.dynin_stoch[0].weight, self.dynin_stoch[1], index,
-                                        self.classes)
+                                        self.classes, table)
         else:
             stoch_in = self.dynin_stoch(stoch.flatten(-2))
         x = torch.cat([self.dynin_deter(deter), stoch_in, action_in], -1)
@@ -123,9 +127,13 @@ class RSSM(nn.Module):
         return own.reshape(*lead, -1) + x @ shared_w + self.dynhid[0].bias.to(own.dtype)
 
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
-             index: torch.Tensor | None = None) -> torch.Tensor:
+             index: torch.Tensor | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
         """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]``."""
-        return self.gru_step(deter, stoch, self.action_input(action), index)
+        return self.gru_step(deter, stoch, self.action_input(action), index, table=table)
+
+    def stoch_table(self) -> torch.Tensor:
+        """The stoch input layer's gather table (``nets.onehot_table``): a rollout builds it once, not per step."""
+        return onehot_table(self.dynin_stoch[0].weight, self.stoch * self.classes)
 
     def prior_raw(self, deter: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` → prior logits before unimix ``[N, S, K]``."""
@@ -137,11 +145,11 @@ class RSSM(nn.Module):
 
     # ---------------------------------------------------------------- steps
     def img_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
-                 noise: torch.Tensor | None = None, index: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 noise: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                 table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One imagined step from the prior: ``(deter, stoch, prior_logits, index [N, S])``, ``index``
-        the classes of the new ``stoch`` sample (the given ``index``: see ``gate_inputs``)."""
-        deter = self.core(deter, stoch, action, index)
+        the classes of the new ``stoch`` sample (the given ``index`` and ``table``: see ``gru_input``)."""
+        deter = self.core(deter, stoch, action, index, table)
         raw = self.prior_raw(deter)
         probs = unimix_probs(raw, self.unimix)
         if noise is None:
