@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <vector>
@@ -297,7 +298,8 @@ __attribute__((always_inline)) inline void scatter_groups(const T* tmp, T* out, 
 // the clones above): the instructions GCC's vector types cannot name. vcvtne2ps2bf16 rounds two vectors to
 // nearest-even bfloat16 in one instruction (five integer ops and a word shuffle per vector otherwise),
 // vscalefps applies exp's 2^n and vrcp14ps the SiLU's reciprocal (14 bits, beyond bfloat16's 8).
-const bool kAvx512Bf16 = __builtin_cpu_supports("avx512bf16");
+// FASTDREAM_PORTABLE_OPS=1 keeps the portable clones (tests compare the two paths on one machine).
+const bool kAvx512Bf16 = __builtin_cpu_supports("avx512bf16") && !std::getenv("FASTDREAM_PORTABLE_OPS");
 
 // exp(-y) = 2^n · e^r with a degree-4 polynomial (~4e-5, bfloat16 accuracy), -y clamped at 88 (float32's
 // exp limit), 2^n for very negative n underflowing to 0; silu(y) = y / (1 + exp(-y)).
@@ -862,6 +864,7 @@ py::array_t<float> twohot_decode(const py::array& logits, const py::array& bins,
 
 PYBIND11_MODULE(_ops, m) {
   m.doc() = "Small CPU kernels for fastdream's training maths.";
+  m.attr("avx512_bf16") = kAvx512Bf16;
   m.def("gather_rows_backward", &gather_rows_backward, py::arg("g"), py::arg("rows"), py::arg("num_rows"),
         py::arg("threads") = 1,
         "out [num_rows, O] float32: out[rows[m, s]] += g[m] for g [M, O] float32 and rows [M, S] int64.");

@@ -134,6 +134,49 @@ def test_onehot_norm_silu_equals_the_gather_then_layer_norm_and_silu(dtype, rows
     torch.testing.assert_close(got.float(), composed.float(), rtol=tol, atol=tol)
 
 
+_OPS_SCRIPT = """
+import sys, numpy as np, torch
+from fastdream import _ops
+torch.manual_seed(0)
+x = (torch.randn(300, 256) * 3).bfloat16().view(torch.int16).numpy()
+w, b = (torch.randn(256) * 0.5 + 1).numpy(), (torch.randn(256) * 0.5).numpy()
+table = (torch.randn(1024, 256) / 4).bfloat16().view(torch.int16).numpy()
+rows = (torch.randint(0, 32, (300, 32)) + torch.arange(32) * 32).numpy()
+y = (torch.randn(8, 300, 96) * 2).bfloat16().view(torch.int16).numpy()
+gate_bias, deter = (torch.randn(768) * 0.3).numpy(), torch.randn(300, 256).numpy()
+as_f32 = lambda a: torch.from_numpy(a).view(torch.bfloat16).float().numpy()
+np.savez(sys.argv[1], avx=_ops.avx512_bf16, norm=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2)),
+         grouped=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2, 8)),
+         gather=as_f32(_ops.gather_norm_silu(x, table, rows, w, b, 1e-3, True, 2)),
+         gate=_ops.gru_gate(y, gate_bias, deter, True, 2))
+"""
+
+
+def test_avx512_bf16_paths_equal_the_portable_clones(tmp_path):
+    """On a CPU with AVX512_BF16 the bf16 kernels take intrinsics paths; FASTDREAM_PORTABLE_OPS=1 keeps the
+    portable clones. Both runs of the same inputs agree within a bf16 rounding (gates: the exp polynomials)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from fastdream import _ops
+
+    if not _ops.avx512_bf16:
+        pytest.skip("this CPU has no AVX512_BF16: only the portable path exists here")
+    out = {}
+    for name, env in (("fast", {}), ("portable", {"FASTDREAM_PORTABLE_OPS": "1"})):
+        path = tmp_path / f"{name}.npz"
+        subprocess.run([sys.executable, "-c", _OPS_SCRIPT, str(path)], check=True, env={**os.environ, **env})
+        out[name] = np.load(path)
+    assert bool(out["fast"]["avx"]) and not bool(out["portable"]["avx"])
+    for key in ("norm", "grouped", "gather"):
+        np.testing.assert_allclose(out["fast"][key], out["portable"][key], rtol=2**-7, atol=2**-7, err_msg=key)
+        assert float(np.mean(out["fast"][key] != out["portable"][key])) < 0.02, key  # mostly the same rounding
+    np.testing.assert_allclose(out["fast"]["gate"], out["portable"]["gate"], rtol=1e-4, atol=1e-4)
+
+
 def test_gather_norm_silu_refuses_bad_input_before_reading_out_of_bounds():
     import numpy as np
 
