@@ -143,18 +143,23 @@ py::array_t<float> gather_rows_backward(const py::array& g, const py::array& row
 template <typename T>
 __attribute__((always_inline)) inline void index_tile(const T* __restrict__ logits, const float* __restrict__ noise,
                                                        int64_t* __restrict__ out, int64_t rows, int64_t k_count,
-                                                       float unimix, float* __restrict__ buf) {
+                                                       float unimix, float* __restrict__ buf,
+                                                       const float* __restrict__ bias, int64_t period, int64_t row) {
   // buf [K, 16]: logit k of the tile's rows at buf[16 k + r], one row per lane; lanes past `rows` hold zeros.
+  // bias [period, K] (or null): row `row + r` adds bias row (row + r) % period (a head's bias per latent).
+  auto bias_row = [&](int64_t r) { return bias + (row + r) % period * k_count; };
   if (rows == kLanes && k_count % kLanes == 0) {
     Floats block[kLanes];
     for (int64_t k0 = 0; k0 < k_count; k0 += kLanes) {
-      for (int64_t r = 0; r < kLanes; ++r) block[r] = load_row(logits + r * k_count + k0);
+      for (int64_t r = 0; r < kLanes; ++r)
+        block[r] = load_row(logits + r * k_count + k0) + (bias ? load_lanes(bias_row(r) + k0) : Floats{});
       transpose16(block);
       for (int64_t k = 0; k < kLanes; ++k) store_lanes(buf + (k0 + k) * kLanes, block[k]);
     }
   } else {
     for (int64_t k = 0; k < k_count; ++k)
-      for (int64_t r = 0; r < kLanes; ++r) buf[k * kLanes + r] = r < rows ? load_float(logits, r * k_count + k) : 0.0f;
+      for (int64_t r = 0; r < kLanes; ++r)
+        buf[k * kLanes + r] = r < rows ? load_float(logits, r * k_count + k) + (bias ? bias_row(r)[k] : 0.0f) : 0.0f;
   }
   Floats top = load_lanes(buf);
   for (int64_t k = 1; k < k_count; ++k) {
@@ -182,26 +187,28 @@ __attribute__((always_inline)) inline void index_tile(const T* __restrict__ logi
 
 template <typename T>
 __attribute__((always_inline)) inline void index_rows(const T* logits, const float* noise, int64_t* out,
-                                                       int64_t row0, int64_t row1, int64_t k_count, float unimix) {
+                                                       int64_t row0, int64_t row1, int64_t k_count, float unimix,
+                                                       const float* bias, int64_t period) {
   std::vector<float> buf(static_cast<size_t>(k_count * kLanes));
   for (int64_t r = row0; r < row1; r += kLanes)
-    index_tile(logits + r * k_count, noise + r, out + r, std::min(kLanes, row1 - r), k_count, unimix, buf.data());
+    index_tile(logits + r * k_count, noise + r, out + r, std::min(kLanes, row1 - r), k_count, unimix, buf.data(),
+               bias, period, r);
 }
 
 FASTDREAM_CLONES
 void unimix_index_rows_f32(const float* logits, const float* noise, int64_t* out, int64_t row0, int64_t row1,
-                     int64_t k_count, float unimix) {
-  index_rows(logits, noise, out, row0, row1, k_count, unimix);
+                           int64_t k_count, float unimix, const float* bias, int64_t period) {
+  index_rows(logits, noise, out, row0, row1, k_count, unimix, bias, period);
 }
 
 FASTDREAM_CLONES
 void unimix_index_rows_bf16(const uint16_t* logits, const float* noise, int64_t* out, int64_t row0, int64_t row1,
-                      int64_t k_count, float unimix) {
-  index_rows(logits, noise, out, row0, row1, k_count, unimix);
+                            int64_t k_count, float unimix, const float* bias, int64_t period) {
+  index_rows(logits, noise, out, row0, row1, k_count, unimix, bias, period);
 }
 
 py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& noise, double unimix, bool bfloat16,
-                                   int threads) {
+                                   int threads, const std::optional<py::array>& bias) {
   check_floats(logits, bfloat16, "unimix_index", "logits");
   if (!noise.dtype().is(py::dtype::of<float>()))
     throw py::type_error("unimix_index: noise dtype " + std::string(py::str(noise.dtype())) + ", expected float32");
@@ -213,16 +220,27 @@ py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& nois
   if (!(unimix >= 0.0 && unimix < 1.0))
     throw py::value_error("unimix_index: unimix must be in [0, 1), got " + std::to_string(unimix));
   const int64_t m_count = logits.shape(0), k_count = logits.shape(1);
+  int64_t period = 1;
+  if (bias) {
+    if (!bias->dtype().is(py::dtype::of<float>()))
+      throw py::type_error("unimix_index: bias dtype " + std::string(py::str(bias->dtype())) + ", expected float32");
+    if (bias->ndim() != 1 || bias->shape(0) < k_count || bias->shape(0) % k_count != 0 ||
+        !(bias->flags() & py::array::c_style))
+      throw py::value_error("unimix_index: bias " + shape_of(*bias) + " must be a contiguous [P * K] for K = " +
+                            std::to_string(k_count) + " (row m adds bias row m % P)");
+    period = bias->shape(0) / k_count;
+  }
   py::array_t<int64_t> out(m_count);
   auto* o = static_cast<int64_t*>(out.mutable_data());
   const auto* u = static_cast<const float*>(noise.data());
   const float mix = static_cast<float>(unimix);
   const void* data = logits.data();
+  const auto* lb = bias ? static_cast<const float*>(bias->data()) : nullptr;
   auto run = [&](int64_t row0, int64_t row1) {
     if (bfloat16)
-      unimix_index_rows_bf16(static_cast<const uint16_t*>(data), u, o, row0, row1, k_count, mix);
+      unimix_index_rows_bf16(static_cast<const uint16_t*>(data), u, o, row0, row1, k_count, mix, lb, period);
     else
-      unimix_index_rows_f32(static_cast<const float*>(data), u, o, row0, row1, k_count, mix);
+      unimix_index_rows_f32(static_cast<const float*>(data), u, o, row0, row1, k_count, mix, lb, period);
   };
   // Whole 16-row tiles per thread; below ~64k logits one thread does it all.
   const int64_t tiles = (m_count + kLanes - 1) / kLanes;
@@ -292,6 +310,36 @@ __attribute__((always_inline)) inline void scatter_groups(const T* tmp, T* out, 
   for (int64_t g = 0; g < groups; ++g) std::memcpy(out + (g * m_count + m) * cg, tmp + g * cg, cg * sizeof(T));
 }
 
+// What norm_silu may add to row m of x before the norm: `add` [G, M, C/G] of x's dtype (laid out as a block
+// matmul's bmm leaves it, no transposed copy) and `bias` [C] float32 — the layer's parts an addmm had summed,
+// copying one of them into its output on one thread first.
+template <typename T>
+struct Addend {
+  const T* add = nullptr;
+  int64_t groups = 1;
+  const float* bias = nullptr;
+};
+
+template <typename T>
+__attribute__((always_inline)) inline void add_into(float* __restrict__ buf, const Addend<T>& a, int64_t m,
+                                                    int64_t m_count, int64_t c_count) {
+  if (a.add) {
+    const int64_t cg = c_count / a.groups;
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const T* src = a.add + (g * m_count + m) * cg;
+      float* dst = buf + g * cg;
+      int64_t j = 0;
+      for (; j + kLanes <= cg; j += kLanes) store_lanes(dst + j, load_lanes(dst + j) + load_row(src + j));
+      for (; j < cg; ++j) dst[j] += load_float(src, j);
+    }
+  }
+  if (a.bias) {
+    int64_t c = 0;
+    for (; c + kLanes <= c_count; c += kLanes) store_lanes(buf + c, load_lanes(buf + c) + load_lanes(a.bias + c));
+    for (; c < c_count; ++c) buf[c] += a.bias[c];
+  }
+}
+
 #ifdef FASTDREAM_BF16_DOT
 // ---------------------------------------------------------------- AVX512_BF16 paths
 // For bfloat16 rows with C a multiple of 32 where the CPU has AVX512_BF16 (checked at run time; elsewhere
@@ -357,12 +405,14 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void norm_silu_row_bf16
 
 FASTDREAM_BF16_DOT
 void norm_silu_rows_bf16_avx512(const uint16_t* x, const float* w, const float* b, uint16_t* out, int64_t row0,
-                                int64_t row1, int64_t m_count, int64_t c_count, int64_t groups, float eps) {
+                                int64_t row1, int64_t m_count, int64_t c_count, int64_t groups, float eps,
+                                const Addend<uint16_t>& addend) {
   std::vector<float> buf(static_cast<size_t>(c_count));
   std::vector<uint16_t> tmp(static_cast<size_t>(c_count));
   for (int64_t m = row0; m < row1; ++m) {
     const uint16_t* row = x + m * c_count;
     for (int64_t c = 0; c < c_count; c += kLanes) _mm512_storeu_ps(buf.data() + c, load_bf16(row + c));
+    add_into(buf.data(), addend, m, m_count, c_count);
     norm_silu_row_bf16(buf.data(), w, b, row_out(out, tmp.data(), m, c_count, groups), c_count, eps);
     scatter_groups(tmp.data(), out, m, m_count, c_count, groups);
   }
@@ -475,19 +525,19 @@ constexpr bool kAvx512Bf16 = false;
 void gru_gate_rows_bf16_avx512(const uint16_t*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
                                int64_t) {}
 void norm_silu_rows_bf16_avx512(const uint16_t*, const float*, const float*, uint16_t*, int64_t, int64_t, int64_t,
-                                int64_t, int64_t, float) {}
+                                int64_t, int64_t, float, const Addend<uint16_t>&) {}
 bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int64_t*, const float*, const float*,
                                     uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
   return false;
 }
 #endif
 
-// norm_silu over rows [row0, row1) of x [M, C]; buf holds one row in float32.
+// norm_silu over rows [row0, row1) of x [M, C] (plus the addend); buf holds one row in float32.
 template <typename T>
 __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ x, const float* __restrict__ weight,
                                                           const float* __restrict__ bias, T* __restrict__ out,
                                                           int64_t row0, int64_t row1, int64_t m_count, int64_t c_count,
-                                                          int64_t groups, float eps) {
+                                                          int64_t groups, float eps, const Addend<T>& addend) {
   std::vector<float> buf(static_cast<size_t>(c_count));
   std::vector<T> tmp(static_cast<size_t>(c_count));
   for (int64_t m = row0; m < row1; ++m) {
@@ -495,6 +545,7 @@ __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ 
     int64_t c = 0;
     for (; c + kLanes <= c_count; c += kLanes) store_lanes(buf.data() + c, load_row(row + c));
     for (; c < c_count; ++c) buf[c] = load_float(row, c);
+    add_into(buf.data(), addend, m, m_count, c_count);
     norm_silu_row(buf.data(), weight, bias, row_out(out, tmp.data(), m, c_count, groups), c_count, eps);
     scatter_groups(tmp.data(), out, m, m_count, c_count, groups);
   }
@@ -502,14 +553,15 @@ __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ 
 
 FASTDREAM_CLONES
 void norm_silu_rows_f32(const float* x, const float* w, const float* b, float* out, int64_t row0, int64_t row1,
-                        int64_t m_count, int64_t c_count, int64_t groups, float eps) {
-  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps);
+                        int64_t m_count, int64_t c_count, int64_t groups, float eps, const Addend<float>& addend) {
+  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps, addend);
 }
 
 FASTDREAM_CLONES
 void norm_silu_rows_bf16(const uint16_t* x, const float* w, const float* b, uint16_t* out, int64_t row0,
-                         int64_t row1, int64_t m_count, int64_t c_count, int64_t groups, float eps) {
-  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps);
+                         int64_t row1, int64_t m_count, int64_t c_count, int64_t groups, float eps,
+                         const Addend<uint16_t>& addend) {
+  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps, addend);
 }
 
 // Rows of work per thread: all rows to one thread below ~64k elements.
@@ -518,7 +570,8 @@ int threads_for(int threads, int64_t rows, int64_t elements) {
 }
 
 py::array norm_silu(const py::array& x, const py::array& weight, const py::array& bias, double eps, bool bfloat16,
-                    int threads, int64_t groups) {
+                    int threads, int64_t groups, const std::optional<py::array>& add,
+                    const std::optional<py::array>& add_bias) {
   check_floats(x, bfloat16, "norm_silu", "x");
   if (x.ndim() != 2 || x.shape(1) < 1 || !(x.flags() & py::array::c_style))
     throw py::value_error("norm_silu: x " + shape_of(x) + " must be a C-contiguous [M, C] with C >= 1");
@@ -529,6 +582,19 @@ py::array norm_silu(const py::array& x, const py::array& weight, const py::array
   if (groups < 1 || c_count % groups != 0)
     throw py::value_error("norm_silu: groups " + std::to_string(groups) + " must be >= 1 and divide C = " +
                           std::to_string(c_count));
+  if (add) {
+    check_floats(*add, bfloat16, "norm_silu", "add");
+    if (add->ndim() != 3 || add->shape(0) < 1 || add->shape(1) != m_count || add->shape(0) * add->shape(2) != c_count ||
+        !(add->flags() & py::array::c_style))
+      throw py::value_error("norm_silu: add " + shape_of(*add) + " must be a C-contiguous [G, " +
+                            std::to_string(m_count) + ", C/G] with C = " + std::to_string(c_count));
+  }
+  if (add_bias) check_vector(*add_bias, c_count, "norm_silu", "add_bias");
+  const int64_t add_groups = add ? add->shape(0) : 1;
+  const void* add_data = add ? add->data() : nullptr;
+  const auto* add_b = add_bias ? static_cast<const float*>(add_bias->data()) : nullptr;
+  const Addend<float> addend_f32{static_cast<const float*>(add_data), add_groups, add_b};
+  const Addend<uint16_t> addend_bf16{static_cast<const uint16_t*>(add_data), add_groups, add_b};
   py::array out = groups > 1 ? py::array(x.dtype(), {groups, m_count, c_count / groups})
                              : py::array(x.dtype(), {m_count, c_count});
   const auto* w = static_cast<const float*>(weight.data());
@@ -545,13 +611,13 @@ py::array norm_silu(const py::array& x, const py::array& weight, const py::array
       const int64_t r0 = m_count * t / n, r1 = m_count * (t + 1) / n;
       if (bfloat16 && fast)
         norm_silu_rows_bf16_avx512(static_cast<const uint16_t*>(src), w, b, static_cast<uint16_t*>(dst), r0, r1,
-                                   m_count, c_count, groups, e);
+                                   m_count, c_count, groups, e, addend_bf16);
       else if (bfloat16)
         norm_silu_rows_bf16(static_cast<const uint16_t*>(src), w, b, static_cast<uint16_t*>(dst), r0, r1, m_count,
-                            c_count, groups, e);
+                            c_count, groups, e, addend_bf16);
       else
         norm_silu_rows_f32(static_cast<const float*>(src), w, b, static_cast<float*>(dst), r0, r1, m_count, c_count,
-                           groups, e);
+                           groups, e, addend_f32);
     }
   }
   return out;
@@ -784,7 +850,7 @@ py::array_t<float> gru_gate(const py::array& y, const py::array& bias, const py:
   return out;
 }
 
-// twohot_decode: symexp(Σ_k softmax(logits)_k bins_k) per row of logits [M, K] (nets.twohot_decode), float32
+// twohot_decode: symexp(Σ_k softmax(logits + bias)_k bins_k) per row of logits [M, K] (nets.twohot_decode), float32
 // results. Rows go 16 columns at a time; the last partial block is padded with -inf logits (exp gives ~0).
 __attribute__((always_inline)) inline float symexp(float x) { return std::copysign(std::expm1(std::fabs(x)), x); }
 
@@ -792,12 +858,13 @@ template <typename T>
 __attribute__((always_inline)) inline void twohot_decode_rows(const T* __restrict__ logits, float* __restrict__ out,
                                                               int64_t row0, int64_t row1, int64_t k_count,
                                                               float* __restrict__ buf,
-                                                              const float* __restrict__ padded_bins) {
+                                                              const float* __restrict__ padded_bins,
+                                                              const float* __restrict__ padded_bias) {
   const int64_t full = k_count / kLanes * kLanes, padded = (k_count + kLanes - 1) / kLanes * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
     const T* row = logits + m * k_count;
-    for (int64_t k = 0; k < full; k += kLanes) store_lanes(buf + k, load_row(row + k));
-    for (int64_t k = full; k < padded; ++k) buf[k] = k < k_count ? load_float(row, k) : -INFINITY;
+    for (int64_t k = 0; k < full; k += kLanes) store_lanes(buf + k, load_row(row + k) + load_lanes(padded_bias + k));
+    for (int64_t k = full; k < padded; ++k) buf[k] = k < k_count ? load_float(row, k) + padded_bias[k] : -INFINITY;
     Floats top = load_lanes(buf);
     for (int64_t k = kLanes; k < padded; k += kLanes) {
       const Floats v = load_lanes(buf + k);
@@ -815,35 +882,40 @@ __attribute__((always_inline)) inline void twohot_decode_rows(const T* __restric
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void twohot_decode_range(const T* logits, const float* bins, float* out,
-                                                               int64_t row0, int64_t row1, int64_t k_count) {
+__attribute__((always_inline)) inline void twohot_decode_range(const T* logits, const float* bins, const float* bias,
+                                                               float* out, int64_t row0, int64_t row1, int64_t k_count) {
   const int64_t padded = (k_count + kLanes - 1) / kLanes * kLanes;
-  std::vector<float> buf(static_cast<size_t>(padded)), padded_bins(static_cast<size_t>(padded), 0.0f);
+  std::vector<float> buf(static_cast<size_t>(padded)), padded_bins(static_cast<size_t>(padded), 0.0f),
+      padded_bias(static_cast<size_t>(padded), 0.0f);
   std::copy(bins, bins + k_count, padded_bins.begin());
-  twohot_decode_rows(logits, out, row0, row1, k_count, buf.data(), padded_bins.data());
+  if (bias) std::copy(bias, bias + k_count, padded_bias.begin());
+  twohot_decode_rows(logits, out, row0, row1, k_count, buf.data(), padded_bins.data(), padded_bias.data());
 }
 
 FASTDREAM_CLONES
-void twohot_decode_rows_f32(const float* logits, const float* bins, float* out, int64_t row0, int64_t row1,
-                            int64_t k_count) {
-  twohot_decode_range(logits, bins, out, row0, row1, k_count);
+void twohot_decode_rows_f32(const float* logits, const float* bins, const float* bias, float* out, int64_t row0,
+                            int64_t row1, int64_t k_count) {
+  twohot_decode_range(logits, bins, bias, out, row0, row1, k_count);
 }
 
 FASTDREAM_CLONES
-void twohot_decode_rows_bf16(const uint16_t* logits, const float* bins, float* out, int64_t row0, int64_t row1,
-                             int64_t k_count) {
-  twohot_decode_range(logits, bins, out, row0, row1, k_count);
+void twohot_decode_rows_bf16(const uint16_t* logits, const float* bins, const float* bias, float* out, int64_t row0,
+                             int64_t row1, int64_t k_count) {
+  twohot_decode_range(logits, bins, bias, out, row0, row1, k_count);
 }
 
-py::array_t<float> twohot_decode(const py::array& logits, const py::array& bins, bool bfloat16, int threads) {
+py::array_t<float> twohot_decode(const py::array& logits, const py::array& bins, bool bfloat16, int threads,
+                                 const std::optional<py::array>& bias) {
   check_floats(logits, bfloat16, "twohot_decode", "logits");
   if (logits.ndim() != 2 || logits.shape(1) < 1 || !(logits.flags() & py::array::c_style))
     throw py::value_error("twohot_decode: logits " + shape_of(logits) + " must be a C-contiguous [M, K] with K >= 1");
   const int64_t m_count = logits.shape(0), k_count = logits.shape(1);
   check_vector(bins, k_count, "twohot_decode", "bins");
+  if (bias) check_vector(*bias, k_count, "twohot_decode", "bias");
   py::array_t<float> out(m_count);
   const void* src = logits.data();
   const auto* b = static_cast<const float*>(bins.data());
+  const auto* lb = bias ? static_cast<const float*>(bias->data()) : nullptr;
   auto* o = static_cast<float*>(out.mutable_data());
   const int n = threads_for(threads, m_count, m_count * k_count);
   {
@@ -852,9 +924,9 @@ py::array_t<float> twohot_decode(const py::array& logits, const py::array& bins,
     for (int t = 0; t < n; ++t) {
       const int64_t r0 = m_count * t / n, r1 = m_count * (t + 1) / n;
       if (bfloat16)
-        twohot_decode_rows_bf16(static_cast<const uint16_t*>(src), b, o, r0, r1, k_count);
+        twohot_decode_rows_bf16(static_cast<const uint16_t*>(src), b, lb, o, r0, r1, k_count);
       else
-        twohot_decode_rows_f32(static_cast<const float*>(src), b, o, r0, r1, k_count);
+        twohot_decode_rows_f32(static_cast<const float*>(src), b, lb, o, r0, r1, k_count);
     }
   }
   return out;
@@ -869,23 +941,27 @@ PYBIND11_MODULE(_ops, m) {
         py::arg("threads") = 1,
         "out [num_rows, O] float32: out[rows[m, s]] += g[m] for g [M, O] float32 and rows [M, S] int64.");
   m.def("unimix_index", &unimix_index, py::arg("logits"), py::arg("noise"), py::arg("unimix"),
-        py::arg("bfloat16") = false, py::arg("threads") = 1,
+        py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("bias") = py::none(),
         "index [M] int64: inverse-CDF draw from (1 - unimix) softmax(logits) + unimix / K for logits [M, K]\n"
-        "(float32, or bfloat16 passed as 16-bit words with bfloat16=True) and one uniform noise [M] float32 per row.");
+        "(float32, or bfloat16 passed as 16-bit words with bfloat16=True) and one uniform noise [M] float32 per row;\n"
+        "bias [P * K] float32 or None: row m's logits plus bias row m % P (a head's bias, one row per latent).");
   m.def("norm_silu", &norm_silu, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
-        py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("groups") = 1,
+        py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("groups") = 1, py::arg("add") = py::none(),
+        py::arg("add_bias") = py::none(),
         "[M, C] of x's dtype: silu(layer_norm(x) * weight + bias) per row of x [M, C] (float32, or bfloat16 as\n"
         "16-bit words with bfloat16=True), weight and bias [C] float32; the maths in float32. groups > 1: the\n"
-        "result laid out [G, M, C/G] (column block g of every row together), as a block matmul reads it.");
+        "result laid out [G, M, C/G] (column block g of every row together), as a block matmul reads it.\n"
+        "add [Ga, M, C/Ga] (x's dtype) and add_bias [C] float32, or None: added to x's rows before the norm.");
   m.def("gather_norm_silu", &gather_norm_silu, py::arg("dense"), py::arg("table"), py::arg("rows"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("bfloat16") = false, py::arg("threads") = 1,
         "[M, C] of table's dtype: silu(layer_norm(dense[m] + sum_s table[rows[m, s]]) * weight + bias) per row m, for\n"
         "table [R, C] and dense [M, C] or None (float32, or bfloat16 as 16-bit words with bfloat16=True), rows [M, S]\n"
         "int64 in [0, R), weight and bias [C] float32; the maths in float32.");
   m.def("twohot_decode", &twohot_decode, py::arg("logits"), py::arg("bins"), py::arg("bfloat16") = false,
-        py::arg("threads") = 1,
-        "[M] float32: symexp(sum_k softmax(logits)_k bins_k) per row of logits [M, K] (float32, or bfloat16 as\n"
-        "16-bit words with bfloat16=True) over bins [K] float32.");
+        py::arg("threads") = 1, py::arg("bias") = py::none(),
+        "[M] float32: symexp(sum_k softmax(logits + bias)_k bins_k) per row of logits [M, K] (float32, or bfloat16\n"
+        "as 16-bit words with bfloat16=True) over bins [K] float32; bias [K] float32 or None (the head's bias,\n"
+        "added here instead of by an addmm that copied it into every output row on one thread).");
   m.def("gru_gate", &gru_gate, py::arg("y"), py::arg("bias"), py::arg("deter"), py::arg("bfloat16") = false,
         py::arg("threads") = 1,
         "next deter [N, D] float32: the block-GRU update from the block matmul's output y [G, N, 3 D/G] (float32,\n"

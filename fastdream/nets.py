@@ -58,27 +58,33 @@ def twohot_encode(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def twohot_decode(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Expected value of ``logits [..., K]`` over ``bins``, mapped back with symexp → ``[...]`` (float32).
+def twohot_decode(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Expected value of ``logits [..., K]`` (plus ``bias [K]``, a head's bias left out of its matmul) over
+    ``bins``, mapped back with symexp → ``[...]`` (float32).
 
     On a CPU without gradients: the C++ kernel ``_ops.twohot_decode`` (one exp per logit, no probabilities
-    written); inductor's softmax, weighting and sum took ~25 ms for an N=4096 dream's ``[61440, 255]``."""
-    if _no_grad_cpu(logits, bins) and logits.shape[-1] == bins.shape[0] and logits.numel():
+    written; the bias added as it reads a row, where an addmm had copied it into all N·H rows on one thread,
+    ~7 ms of an N=4096 dream); inductor's softmax, weighting and sum took ~25 ms for its ``[61440, 255]``."""
+    params = (bins,) if bias is None else (bins, bias)
+    if _no_grad_cpu(logits, *params) and logits.shape[-1] == bins.shape[0] and logits.numel():
         k = logits.shape[-1]
-        return _twohot_decode_cpu(logits.reshape(-1, k), bins.detach().float()).reshape(logits.shape[:-1])
-    return symexp((logits.float().softmax(-1) * bins).sum(-1))  # not a matmul: autocast would make it bf16
+        b = None if bias is None else bias.detach().float()
+        return _twohot_decode_cpu(logits.reshape(-1, k), bins.detach().float(), b).reshape(logits.shape[:-1])
+    x = logits.float() if bias is None else logits.float() + bias
+    return symexp((x.softmax(-1) * bins).sum(-1))  # not a matmul: autocast would make it bf16
 
 
 @torch.library.custom_op("fastdream::twohot_decode", mutates_args=())
-def _twohot_decode_cpu(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+def _twohot_decode_cpu(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     from fastdream import _ops
 
     return torch.from_numpy(_ops.twohot_decode(_words(logits), bins.contiguous().numpy(),
-                                               logits.dtype == torch.bfloat16, torch.get_num_threads()))
+                                               logits.dtype == torch.bfloat16, torch.get_num_threads(),
+                                               None if bias is None else bias.contiguous().numpy()))
 
 
 @_twohot_decode_cpu.register_fake
-def _(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+def _(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
 
 
@@ -123,32 +129,37 @@ def inverse_cdf_index(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (probs.detach().cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
-    """``inverse_cdf_index(unimix_probs(logits), noise)`` for ``logits [..., K]``, ``noise [...]`` → ``[...]``,
-    without the probabilities. On a CPU: the C++ kernel ``fastdream._ops.unimix_index``, one pass over the
-    logits (fp32 or bf16, maths in fp32) on torch's threads. At ``[131072, 32]`` (an N=4096 prior step) here:
+def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float = 0.01,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``inverse_cdf_index(unimix_probs(logits + bias), noise)`` for ``logits [..., S, K]``, ``noise [..., S]`` →
+    ``[..., S]``, without the probabilities; ``bias [S·K]`` (or None): a head's bias left out of its matmul. On a
+    CPU: the C++ kernel ``fastdream._ops.unimix_index``, one pass over the logits (fp32 or bf16, maths in fp32)
+    on torch's threads, adding the bias as it reads them. At ``[131072, 32]`` (an N=4096 prior step) here:
     ~1.1 ms, against ~8.5 ms for the softmax, cumsum and count of a compiled step and ~20 ms eager."""
-    if logits.device.type != "cpu":
-        return inverse_cdf_index(unimix_probs(logits.float(), unimix), noise)
     k = logits.shape[-1]
+    if logits.device.type != "cpu":
+        full = logits if bias is None else logits + bias.reshape(-1, k)
+        return inverse_cdf_index(unimix_probs(full.float(), unimix), noise)
     flat = logits.detach().reshape(-1, k)
     if flat.dtype not in (torch.float32, torch.bfloat16):
         flat = flat.float()
-    return _unimix_index_cpu(flat, noise.detach().reshape(-1).float(), float(unimix)).reshape(noise.shape)
+    b = None if bias is None else bias.detach().float()
+    return _unimix_index_cpu(flat, noise.detach().reshape(-1).float(), float(unimix), b).reshape(noise.shape)
 
 
 @torch.library.custom_op("fastdream::unimix_index", mutates_args=())
-def _unimix_index_cpu(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> torch.Tensor:
+def _unimix_index_cpu(logits: torch.Tensor, noise: torch.Tensor, unimix: float,
+                      bias: torch.Tensor | None) -> torch.Tensor:
     """The C++ kernel as a torch op: a compiled rollout keeps it as one opaque call (no graph break)."""
     from fastdream import _ops
 
     return torch.from_numpy(_ops.unimix_index(_words(logits), noise.contiguous().numpy(), unimix,
-                                              logits.dtype == torch.bfloat16,
-                                              torch.get_num_threads()))
+                                              logits.dtype == torch.bfloat16, torch.get_num_threads(),
+                                              None if bias is None else bias.contiguous().numpy()))
 
 
 @_unimix_index_cpu.register_fake
-def _(logits: torch.Tensor, noise: torch.Tensor, unimix: float) -> torch.Tensor:
+def _(logits: torch.Tensor, noise: torch.Tensor, unimix: float, bias: torch.Tensor | None) -> torch.Tensor:
     return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
 
 
@@ -176,33 +187,47 @@ def _words(x: torch.Tensor):
     return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
 
 
-def norm_silu(x: torch.Tensor, norm: Norm, groups: int = 1) -> torch.Tensor:
+def norm_silu(x: torch.Tensor, norm: Norm, groups: int = 1, add: torch.Tensor | None = None,
+              add_bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(norm(x))`` for ``x [..., C]``. On a CPU without gradients: the C++ kernel ``_ops.norm_silu``
     (one pass per row, float32 maths, ``x``'s dtype out); at ``[4096, 256]`` bf16 here 0.17 ms (AVX512_BF16
     path) against inductor's fused LayerNorm+SiLU 0.35 ms. ``groups > 1``: the result as a block matmul
-    reads its input, ``[G, M, C/G]`` contiguous (M rows of ``x``); the kernel writes it in that layout."""
+    reads its input, ``[G, M, C/G]`` contiguous (M rows of ``x``); the kernel writes it in that layout.
+    ``add [Ga, M, C/Ga]`` (a block matmul's output as its bmm leaves it) and ``add_bias [C]``: summed into
+    ``x``'s rows first, by the kernel as it reads them (an addmm had copied one part into its output on one
+    thread, and the bmm's output needed a transposed copy)."""
     ln = norm.ln
     c = x.shape[-1]
-    if not _no_grad_cpu(x, ln.weight, ln.bias):
+    extra = tuple(t for t in (add, add_bias) if t is not None)
+    fast = _no_grad_cpu(x, ln.weight, ln.bias, *extra) and (add is None or add.dtype == x.dtype)
+    if not fast:
+        if add is not None:
+            x = x.reshape(-1, c) + add.transpose(0, 1).reshape(-1, c)
+        if add_bias is not None:
+            x = x + add_bias.to(x.dtype)
         y = F.silu(norm(x))
         return y if groups == 1 else y.reshape(-1, groups, c // groups).transpose(0, 1).contiguous()
     out = _norm_silu_cpu(x.reshape(-1, c), ln.weight.detach().float(), ln.bias.detach().float(), float(ln.eps),
-                         groups)
+                         groups, add, None if add_bias is None else add_bias.detach().float())
     return out.reshape(x.shape) if groups == 1 else out
 
 
 @torch.library.custom_op("fastdream::norm_silu", mutates_args=())
-def _norm_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, groups: int) -> torch.Tensor:
+def _norm_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, groups: int,
+                   add: torch.Tensor | None, add_bias: torch.Tensor | None) -> torch.Tensor:
     from fastdream import _ops
 
     out = _ops.norm_silu(_words(x), weight.contiguous().numpy(), bias.contiguous().numpy(), eps,
-                         x.dtype == torch.bfloat16, torch.get_num_threads(), groups)
+                         x.dtype == torch.bfloat16, torch.get_num_threads(), groups,
+                         None if add is None else _words(add),
+                         None if add_bias is None else add_bias.contiguous().numpy())
     out = torch.from_numpy(out)
     return out.view(torch.bfloat16) if x.dtype == torch.bfloat16 else out
 
 
 @_norm_silu_cpu.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, groups: int) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, groups: int,
+      add: torch.Tensor | None, add_bias: torch.Tensor | None) -> torch.Tensor:
     m, c = x.shape
     return x.new_empty(m, c) if groups == 1 else x.new_empty(groups, m, c // groups)
 
@@ -449,11 +474,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
         """``[..., in_dim]`` → ``[..., out_dim]``. ``hot = (index [..., S], classes)``: ``x`` ends in the
         one-hot stoch ``one_hot(index)``, and the first layer gathers instead of multiplying."""
-        if hot is not None and len(self.body):
-            x = self.body[3:](onehot_norm_silu(x, self.body[0].weight, self.body[1], *hot))
-        else:
-            x = self.body(x)
+        x = self.features(x, hot)
         return self.head(x) if self.head is not None else x
+
+    def features(self, x: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
+        """The hidden layers alone (``forward`` without the output layer) → ``[..., units]``."""
+        if hot is not None and len(self.body):
+            return self.body[3:](onehot_norm_silu(x, self.body[0].weight, self.body[1], *hot))
+        return self.body(x)
 
 
 class BlockLinear(nn.Module):

@@ -101,10 +101,10 @@ class RSSM(nn.Module):
         else:
             stoch_in = self.dynin_stoch(stoch.flatten(-2))
         x = torch.cat([self.dynin_deter(deter), stoch_in, action_in], -1)
-        h = self.dynhid_first(deter, x, weights)
-        if grouped and len(self.dynhid) == 3:  # one layer: its Norm and SiLU write the grouped layout
-            return norm_silu(h, self.dynhid[1], self.blocks)
-        h = self.dynhid[1:](h)
+        if grouped and len(self.dynhid) == 3:  # one layer: its Norm and SiLU sum its parts, write the grouped layout
+            own, shared = self.dynhid_parts(deter, x, weights)
+            return norm_silu(shared, self.dynhid[1], self.blocks, own, self.dynhid[0].bias)
+        h = self.dynhid[1:](self.dynhid_first(deter, x, weights))
         return h.reshape(-1, self.blocks, self.deter // self.blocks).transpose(0, 1).contiguous() if grouped else h
 
     def dynhid_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,12 +119,18 @@ class RSSM(nn.Module):
         """The first dynhid BlockLinear on group inputs ``[deter_g ‖ x]`` (x ``[N, 3H]`` shared by all G
         groups), without building them: ``blockwise(deter, W_own) + x @ W_shared`` → ``[N, D]``.
         Materialising the G-fold ``[N, G, D/G + 3H]`` input cost ~45 % of an eager imagination step."""
+        own, shared = self.dynhid_parts(deter, x, weights)
+        # The bias in the matmuls' dtype: a float32 bias made the sum, its Norm+SiLU and the GRU's input float32.
+        return own.transpose(0, 1).reshape(*deter.shape[:-1], -1) + shared + self.dynhid[0].bias.to(own.dtype)
+
+    def dynhid_parts(self, deter: torch.Tensor, x: torch.Tensor,
+                     weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dynhid_first`` before its sum: the blockwise part as the bmm leaves it ``[G, N, D/G]`` and
+        ``x @ W_shared`` ``[N, D]`` (no bias)."""
         own_w, shared_w = weights if weights is not None else self.dynhid_weights()
         g, dg = self.blocks, self.deter // self.blocks
-        lead = deter.shape[:-1]
-        own = torch.bmm(deter.reshape(-1, g, dg).transpose(0, 1).contiguous(), own_w).transpose(0, 1)  # [N, G, D/G]
-        # The bias in the matmuls' dtype: a float32 bias made the sum, its Norm+SiLU and the GRU's input float32.
-        return own.reshape(*lead, -1) + x @ shared_w + self.dynhid[0].bias.to(own.dtype)
+        own = torch.bmm(deter.reshape(-1, g, dg).transpose(0, 1).contiguous(), own_w)  # [G, N, D/G]
+        return own, x @ shared_w
 
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
              index: torch.Tensor | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,14 +156,17 @@ class RSSM(nn.Module):
         """One imagined step from the prior: ``(deter, stoch, prior_logits, index [N, S])``, ``index``
         the classes of the new ``stoch`` sample (the given ``index`` and ``table``: see ``gru_input``)."""
         deter = self.core(deter, stoch, action, index, table)
-        raw = self.prior_raw(deter)
+        # The head's matmul without its bias: the draw adds it (an addmm copied it into all N rows on one thread).
+        head = self.prior_net.head
+        unbiased = F.linear(self.prior_net.features(deter), head.weight)
+        raw = (unbiased + head.bias).reshape(*deter.shape[:-1], self.stoch, self.classes)
         probs = unimix_probs(raw, self.unimix)
         if noise is None:
             noise = torch.rand(probs.shape[:-1], device=probs.device, dtype=probs.dtype)
         if probs.requires_grad:
             stoch, index = straight_through_draw(probs, noise)
         else:  # no gradient to pass on: draw from the logits in one pass (a compiled rollout drops ``probs``)
-            index = unimix_index(raw, noise, self.unimix)
+            index = unimix_index(unbiased.reshape(raw.shape), noise, self.unimix, head.bias)
             stoch = onehot(index, self.classes, probs.dtype)
         return deter, stoch, probs.log(), index
 

@@ -80,12 +80,17 @@ class WorldModel(nn.Module):
         return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
     def reward(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
-        """Predicted reward ``[...]`` from features ``[..., F]`` (``hot``: see ``MLP.forward``)."""
-        return twohot_decode(self.reward_head(feat, hot), self.bins)
+        """Predicted reward ``[...]`` from features ``[..., F]`` (``hot``: see ``MLP.forward``). The output
+        layer's bias is added by the decode: as an addmm's it was copied into every row on one thread."""
+        head = self.reward_head.head
+        return twohot_decode(F.linear(self.reward_head.features(feat, hot), head.weight), self.bins, head.bias)
 
     def cont(self, feat: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
-        """Predicted probability of continuing ``[...]``."""
-        return torch.sigmoid(self.cont_head(feat, hot).squeeze(-1))
+        """Predicted probability of continuing ``[...]`` (float32; the bias added outside the matmul, as in
+        ``reward``)."""
+        head = self.cont_head.head
+        logit = F.linear(self.cont_head.features(feat, hot), head.weight).squeeze(-1).float() + head.bias
+        return torch.sigmoid(logit)
 
     def rec_image(self, feat: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Image reconstruction loss ``[]``: squared error of the decoded ``feat [B, T, F]`` against

@@ -484,6 +484,30 @@ def test_unimix_index_equals_the_cumsum_draw(dtype, rows, classes, unimix):
         assert edge[1].eq(classes - 1).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "latents", "classes"), [(257, 32, 32), (9, 3, 5)])
+def test_unimix_index_adds_a_bias_row_per_latent(dtype, n, latents, classes):
+    """``bias [S·K]``: row (n, s) draws from logits + bias row s, as if a head's addmm had added it (K = 32
+    takes the transposed tiles, K = 5 the scalar path; 257·32 rows end in a partial tile)."""
+    from fastdream.nets import inverse_cdf_index, unimix_index, unimix_probs
+
+    torch.manual_seed(0)
+    logits = (torch.randn(n, latents, classes) * 4).to(dtype)
+    bias = torch.randn(latents * classes) * 4
+    noise = torch.rand(n, latents)
+    full = logits.float() + bias.reshape(latents, classes)
+    want = inverse_cdf_index(unimix_probs(full, 0.01), noise)
+    got = unimix_index(logits, noise, 0.01, bias)
+    near_step = (unimix_probs(full, 0.01).cumsum(-1) - noise[..., None]).abs().min(-1).values < 1e-5
+    assert got.shape == (n, latents) and bool(((got == want) | near_step).all())
+    assert float((got != unimix_index(logits, noise, 0.01)).float().mean()) > 0.2  # the bias matters
+    from fastdream import _ops
+
+    with pytest.raises(ValueError, match=r"bias \(7,\) must be a contiguous \[P \* K\]"):
+        _ops.unimix_index(logits.float().reshape(-1, classes).numpy(), noise.reshape(-1).numpy(), 0.01, False, 1,
+                          torch.zeros(7).numpy())
+
+
 def test_unimix_index_threads_split_rows_and_bad_input_is_refused():
     import numpy as np
 
@@ -555,6 +579,19 @@ def test_norm_silu_groups_writes_the_block_matmul_layout(dtype, rows, groups, cg
     assert y.requires_grad and y.shape == (groups, rows, cg) and y.is_contiguous()
     torch.testing.assert_close(y.detach(), flat.float().reshape(rows, groups, cg).transpose(0, 1),
                                rtol=2**-8, atol=1e-5)
+    # A block matmul's output as its bmm leaves it ([G, M, C/G]) and a bias, summed in by the kernel: the same as
+    # the sum in float64 (the kernel sums in fp32, so bf16 results may differ by one rounding).
+    add = (torch.randn(groups, rows, cg) * 2).to(dtype)
+    add_bias = torch.randn(groups * cg)
+    with torch.no_grad():
+        summed = norm_silu(x, norm, groups, add, add_bias)
+    pre = x.double() + add.double().transpose(0, 1).reshape(rows, -1) + add_bias.double()
+    want = F.silu(F.layer_norm(pre, (groups * cg,), norm.ln.weight.double(), norm.ln.bias.double(), 1e-3))
+    want = want.reshape(rows, groups, cg).transpose(0, 1)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(summed.double(), want, rtol=tol, atol=tol)
+    g = norm_silu(x.float(), norm, groups, add.float(), add_bias)  # with a gradient: torch's maths, same values
+    torch.testing.assert_close(g.detach().double(), want, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -603,6 +640,12 @@ def test_norm_silu_and_gru_gate_refuse_bad_input():
         _ops.norm_silu(x, w, b, 0.0)
     with pytest.raises(ValueError, match="groups 3 must be >= 1 and divide C = 16"):
         _ops.norm_silu(x, w, b, 1e-3, False, 1, 3)
+    with pytest.raises(ValueError, match=r"add \(2, 7, 8\) must be a C-contiguous \[G, 8, C/G\] with C = 16"):
+        _ops.norm_silu(x, w, b, 1e-3, False, 1, 1, np.ones((2, 7, 8), np.float32))
+    with pytest.raises(ValueError, match=r"add_bias \(15,\) must be a contiguous \[16\]"):
+        _ops.norm_silu(x, w, b, 1e-3, False, 1, 1, None, np.ones(15, np.float32))
+    added = _ops.norm_silu(x, w, b, 1e-3, False, 1, 2, np.zeros((4, 8, 4), np.float32), np.zeros(16, np.float32))
+    assert added.shape == (2, 8, 8)
     y, bias, deter = np.ones((2, 8, 6), np.float32), np.zeros(12, np.float32), np.zeros((8, 4), np.float32)
     assert _ops.gru_gate(y, bias, deter).shape == (8, 4)
     with pytest.raises(ValueError, match=r"y \(2, 8, 6\) and deter \(8, 5\) must be \[G, N, 3 D/G\] and \[N, D\]"):
@@ -653,6 +696,15 @@ def test_twohot_decode_kernel_equals_the_softmax_expectation(dtype, rows, bins):
     out.sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
     torch.testing.assert_close(symlog(out.detach().double()).flatten(), expect[:6], rtol=0, atol=5e-5)
+    # A head's bias left out of its matmul: added per column by the kernel, as by the torch maths.
+    bias = torch.randn(bins) * 3
+    expect_b = ((logits.double() + bias.double()).softmax(-1) * grid.double()).sum(-1)
+    with torch.no_grad():
+        got_b = twohot_decode(logits, grid, bias)
+    torch.testing.assert_close(symlog(got_b.double()), expect_b, rtol=0, atol=5e-5)
+    assert float((expect_b - expect).abs().max()) > 1  # the bias moves the expectation
+    torch.testing.assert_close(symlog(twohot_decode(logits.float(), grid, bias.requires_grad_()).detach().double()),
+                               expect_b, rtol=0, atol=5e-5)
 
 
 def test_twohot_decode_kernel_refuses_bad_input():
@@ -668,3 +720,7 @@ def test_twohot_decode_kernel_refuses_bad_input():
         _ops.twohot_decode(logits, bins[:254])
     with pytest.raises(ValueError, match="C-contiguous"):
         _ops.twohot_decode(np.zeros((255, 4), np.float32).T, bins)
+    with pytest.raises(ValueError, match=r"bias \(7,\) must be a contiguous \[255\]"):
+        _ops.twohot_decode(logits, bins, bias=np.zeros(7, np.float32))
+    with pytest.raises(TypeError, match="bias dtype float64"):
+        _ops.twohot_decode(logits, bins, bias=np.zeros(255))
