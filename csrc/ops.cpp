@@ -340,6 +340,15 @@ __attribute__((always_inline)) inline void add_into(float* __restrict__ buf, con
   }
 }
 
+// gather_norm_silu's row of S table indices, or null if one lies outside [0, R): checked before any table row
+// is read.
+__attribute__((always_inline)) inline const int64_t* checked_indices(const int64_t* idx, int64_t s_count,
+                                                                     int64_t r_count) {
+  for (int64_t s = 0; s < s_count; ++s)
+    if (idx[s] < 0 || idx[s] >= r_count) return nullptr;
+  return idx;
+}
+
 #ifdef FASTDREAM_BF16_DOT
 // ---------------------------------------------------------------- AVX512_BF16 paths
 // For bfloat16 rows with C a multiple of 32 where the CPU has AVX512_BF16 (checked at run time; elsewhere
@@ -483,9 +492,8 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
   std::vector<float> buf(static_cast<size_t>(c_count));
   constexpr int64_t kBlock = 8 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
-    const int64_t* idx = rows + m * s_count;
-    for (int64_t s = 0; s < s_count; ++s)
-      if (idx[s] < 0 || idx[s] >= r_count) return false;
+    const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count);
+    if (!idx) return false;
     const uint16_t* dense_row = dense ? dense + m * c_count : nullptr;
     int64_t c = 0;
     for (; c + kBlock <= c_count; c += kBlock)
@@ -675,9 +683,8 @@ __attribute__((always_inline)) inline bool gather_norm_silu_rows(const T* dense,
   std::vector<float> buf(static_cast<size_t>(c_count));
   constexpr int64_t kBlock = 16 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
-    const int64_t* idx = rows + m * s_count;
-    for (int64_t s = 0; s < s_count; ++s)
-      if (idx[s] < 0 || idx[s] >= r_count) return false;
+    const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count);
+    if (!idx) return false;
     const T* dense_row = dense ? dense + m * c_count : nullptr;
     int64_t c = 0;
     if (c_count % kLanes == 0) {
