@@ -138,11 +138,45 @@ def _gather_tables(world_model: WorldModel, actor: Actor) -> tuple[torch.Tensor 
     return actor_table, rssm.stoch_table()
 
 
-def _compiled(world_model: WorldModel, actor: Actor, onehot: bool) -> Callable:
-    def fn(deter, stoch, noise_stoch, noise_action, tables):
-        return _rollout(world_model, actor, deter, stoch, noise_stoch, noise_action, onehot=onehot, tables=tables)
+class _Dreamer(torch.nn.Module):
+    """The world model and the actor as one module, for ``torch.func.functional_call`` of ``_rollout``."""
 
-    return runtime.compiled((world_model, actor), f"rollout onehot={onehot}", fn)
+    def __init__(self, world_model: WorldModel, actor: Actor) -> None:
+        super().__init__()
+        self.world_model, self.actor = world_model, actor
+
+    def forward(self, *args, onehot: bool = False, tables=None):
+        return _rollout(self.world_model, self.actor, *args, onehot=onehot, tables=tables)
+
+
+def matmul_weights(module: torch.nn.Module, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
+    """``module``'s weights (parameters of two or more dims, under ``prefixes``) in the autocast dtype, where
+    autocast is on: what each matmul would cast them to. Cast once here, a compiled H-step rollout reads one copy;
+    cast by autocast per op, inductor wrote one copy per step (15 of every weight, its first kernel ~3 ms of an
+    N=4096 dream). Empty without autocast."""
+    dev = next(module.parameters()).device.type
+    if not torch.is_autocast_enabled(dev):
+        return {}
+    dtype = torch.get_autocast_dtype(dev)
+    return {name: p.to(dtype) for name, p in module.named_parameters()
+            if p.ndim >= 2 and p.is_floating_point() and name.startswith(prefixes)}
+
+
+def _rollout_fn(world_model: WorldModel, actor: Actor, onehot: bool) -> Callable:
+    """``_rollout`` as the compile engine traces it: ``fn(deter, stoch, noise_stoch, noise_action, tables)`` on
+    the weights cast once (``matmul_weights``)."""
+    dreamer = _Dreamer(world_model, actor)
+
+    def fn(deter, stoch, noise_stoch, noise_action, tables=None):
+        weights = matmul_weights(dreamer, ("world_model.rssm.", "actor."))
+        return torch.func.functional_call(dreamer, weights, (deter, stoch, noise_stoch, noise_action),
+                                          {"onehot": onehot, "tables": tables})
+
+    return fn
+
+
+def _compiled(world_model: WorldModel, actor: Actor, onehot: bool) -> Callable:
+    return runtime.compiled((world_model, actor), f"rollout onehot={onehot}", _rollout_fn(world_model, actor, onehot))
 
 
 def _window(x: torch.Tensor, start: int) -> torch.Tensor:

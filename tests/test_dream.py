@@ -120,14 +120,37 @@ def test_compiled_behaviour_losses_match_eager(discrete):
 def test_compiled_rollout_has_no_graph_breaks():
     import torch._dynamo as dynamo
 
-    from fastdream.dream import _rollout
+    from fastdream.dream import _rollout_fn
 
     wm, actor, (deter, stoch), noise = tiny(True)
     for onehot in (False, True):
-        explain = dynamo.explain(lambda d, s, a, b, o=onehot: _rollout(wm, actor, d, s, a, b, onehot=o))(
-            deter, stoch, noise["stoch"], noise["action"])
-        assert explain.graph_break_count == 0, explain.break_reasons
-        assert explain.graph_count == 1
+        for bf16 in (False, True):  # autocast: the weights cast once, through functional_call
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                explain = dynamo.explain(_rollout_fn(wm, actor, onehot))(deter, stoch, noise["stoch"], noise["action"])
+            assert explain.graph_break_count == 0, explain.break_reasons
+            assert explain.graph_count == 1
+
+
+def test_compiled_bf16_dream_matches_eager_bf16():
+    """Under bf16 autocast the compiled no-grad dream (weights cast once per rollout, C++ kernels in the graph)
+    takes the eager dream's draws and gives its values within a bf16 rounding; 16-lane sizes, so the kernels'
+    vector paths run."""
+    torch.manual_seed(0)
+    wm = WorldModel(vector_dim=4, image=False, action_dim=3, deter=64, hidden=32, stoch=8, classes=16, blocks=4,
+                    units=32)
+    actor = Actor(wm.rssm.feat_dim, 3, True, units=32, layers=2)
+    n = 37
+    starts = (torch.randn(n, 64), torch.nn.functional.one_hot(torch.randint(0, 16, (n, 8)), 16).float())
+    noise = draw_noise(n, 5, 8, actor, "cpu", torch.Generator().manual_seed(2))
+    outs = []
+    for engine in ("eager", "compile"):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            outs.append(imagine(wm, actor, starts, 5, engine=engine, noise=noise, dense_feat=False))
+    ref, out = outs
+    assert ref["feat"].dtype == torch.bfloat16 and ref["index"].unique().numel() > 8
+    assert torch.equal(out["action"], ref["action"]) and torch.equal(out["index"], ref["index"])
+    for k in ("feat", "reward", "cont", "logprob", "entropy"):  # log-probs come out in bf16: one spacing (2^-7)
+        torch.testing.assert_close(out[k].float(), ref[k].float(), rtol=2**-6, atol=1e-3, msg=k)
 
 
 def test_engine_resolution_and_errors():
