@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <vector>
@@ -54,6 +55,14 @@ namespace {
 #define FASTDREAM_BF16_DOT __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #else
 #define FASTDREAM_CLONES
+#endif
+
+// Whether the AVX512_BF16 paths (FASTDREAM_BF16_DOT functions) run: the CPU has the instructions and
+// FASTDREAM_PORTABLE_OPS is unset (tests compare both paths on one machine).
+#ifdef FASTDREAM_BF16_DOT
+const bool kAvx512Bf16 = __builtin_cpu_supports("avx512bf16") && !std::getenv("FASTDREAM_PORTABLE_OPS");
+#else
+constexpr bool kAvx512Bf16 = false;
 #endif
 
 FASTDREAM_CLONES
@@ -207,6 +216,22 @@ void unimix_index_rows_bf16(const uint16_t* logits, const float* noise, int64_t*
   index_rows(logits, noise, out, row0, row1, k_count, unimix, bias, period);
 }
 
+void unimix_index_tiles_bf16_avx512(const uint16_t* logits, const float* noise, int64_t* out, int64_t tile0,
+                                    int64_t tile1, int64_t k_count, float unimix, const float* bias_t, int64_t period);
+std::vector<float> transposed_bias(const float* bias, int64_t period, int64_t k_count);
+
+// bias [P, K] laid out for 16-row tiles, one row per lane: [slot][k][lane] = bias[(phase + lane) % P][k] for each
+// phase = row0 % P a tile can start at (multiples of g = gcd(P, 16); slot = phase / g).
+std::vector<float> transposed_bias(const float* bias, int64_t period, int64_t k_count) {
+  const int64_t g = std::gcd<int64_t>(period, kLanes), slots = period / g;
+  std::vector<float> out(static_cast<size_t>(slots * k_count * kLanes));
+  for (int64_t slot = 0; slot < slots; ++slot)
+    for (int64_t k = 0; k < k_count; ++k)
+      for (int64_t lane = 0; lane < kLanes; ++lane)
+        out[(slot * k_count + k) * kLanes + lane] = bias[(slot * g + lane) % period * k_count + k];
+  return out;
+}
+
 py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& noise, double unimix, bool bfloat16,
                                    int threads, const std::optional<py::array>& bias) {
   check_floats(logits, bfloat16, "unimix_index", "logits");
@@ -236,7 +261,17 @@ py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& nois
   const float mix = static_cast<float>(unimix);
   const void* data = logits.data();
   const auto* lb = bias ? static_cast<const float*>(bias->data()) : nullptr;
+  // bfloat16 rows of an even K: whole 16-row tiles take the AVX512_BF16 path where it runs.
+  const bool fast = bfloat16 && kAvx512Bf16 && k_count % 2 == 0;
+  const std::vector<float> bias_t = fast && lb ? transposed_bias(lb, period, k_count) : std::vector<float>();
   auto run = [&](int64_t row0, int64_t row1) {
+    if (fast) {
+      const int64_t whole = row0 + (row1 - row0) / kLanes * kLanes;
+      unimix_index_tiles_bf16_avx512(static_cast<const uint16_t*>(data), u, o, row0 / kLanes, whole / kLanes,
+                                     k_count, mix, lb ? bias_t.data() : nullptr, period);
+      row0 = whole;
+    }
+    if (row0 == row1) return;
     if (bfloat16)
       unimix_index_rows_bf16(static_cast<const uint16_t*>(data), u, o, row0, row1, k_count, mix, lb, period);
     else
@@ -355,8 +390,8 @@ __attribute__((always_inline)) inline const int64_t* checked_indices(const int64
 // the clones above): the instructions GCC's vector types cannot name. vcvtne2ps2bf16 rounds two vectors to
 // nearest-even bfloat16 in one instruction (five integer ops and a word shuffle per vector otherwise),
 // vscalefps applies exp's 2^n and vrcp14ps the SiLU's reciprocal (14 bits, beyond bfloat16's 8).
-// FASTDREAM_PORTABLE_OPS=1 keeps the portable clones (tests compare the two paths on one machine).
-const bool kAvx512Bf16 = __builtin_cpu_supports("avx512bf16") && !std::getenv("FASTDREAM_PORTABLE_OPS");
+// FASTDREAM_PORTABLE_OPS=1 keeps the portable clones (tests compare the two paths on one machine): see
+// kAvx512Bf16 at the top.
 
 // exp(-y) as 2^t, t = -y·log2(e): vreduceps splits off f = t - floor(t) in [0, 1), a minimax polynomial
 // gives 2^f, vscalefps multiplies by 2^floor(t) (overflowing to inf, underflowing to 0: no clamp needed).
@@ -513,6 +548,100 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
   return true;
 }
 
+// unimix_index for bfloat16 logits of an even K, whole 16-row tiles [tile0, tile1) (row0 = 16 tile0). A row's
+// K words are K/2 dwords (classes 2j, 2j+1): a 16 x 16 dword transpose (64 shuffles) puts dword j of the 16 rows
+// in one vector, a shift and a mask split it into classes 2j and 2j+1 as floats, one row per lane (the float
+// path converts first, then transposes twice as many vectors). exp is 2^t as exp_neg's, degree 5 (1.6e-7 relative,
+// as the portable path's degree-6 Taylor polynomial). bias_t: transposed_bias (or null).
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void transpose16_dwords(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // u[4q + j]: column 4 L + j of rows 4q..4q+3 in 128-bit lane L.
+  for (int q = 0; q < 4; ++q) {
+    u[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i lo01 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), hi01 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+    const __m512i lo23 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512i hi23 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);
+    r[4 + j] = _mm512_shuffle_i32x4(lo01, lo23, 0xDD);
+    r[8 + j] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(hi01, hi23, 0xDD);
+  }
+}
+
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_fmadd_ps(f, _mm512_set1_ps(0.0018775727f), _mm512_set1_ps(0.0089893444f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(0.055826318f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(0.24015361f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(0.69315308f));
+  p = _mm512_fmadd_ps(f, p, _mm512_set1_ps(0.99999994f));
+  return _mm512_scalef_ps(p, t);
+}
+
+FASTDREAM_BF16_DOT
+void unimix_index_tiles_bf16_avx512(const uint16_t* logits, const float* noise, int64_t* out, int64_t tile0,
+                                    int64_t tile1, int64_t k_count, float unimix, const float* bias_t, int64_t period) {
+  const int64_t dwords = k_count / 2, slots = period / std::gcd<int64_t>(period, kLanes);
+  std::vector<float> buf(static_cast<size_t>(k_count * kLanes));
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    const int64_t row0 = tile * kLanes;
+    const uint16_t* src = logits + row0 * k_count;
+    const float* bt = bias_t ? bias_t + (row0 % period / std::gcd<int64_t>(period, kLanes)) % slots * k_count * kLanes
+                             : nullptr;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t d0 = 0; d0 < dwords; d0 += kLanes) {
+      const int64_t nd = std::min<int64_t>(kLanes, dwords - d0);
+      const __mmask16 mask = static_cast<__mmask16>((1u << nd) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi32(mask, src + i * k_count + 2 * d0);
+      transpose16_dwords(r);
+      for (int64_t j = 0; j < nd; ++j) {
+        const int64_t k = 2 * (d0 + j);
+        __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(r[j], 16));
+        __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(r[j], high));
+        if (bt) {
+          even = _mm512_add_ps(even, _mm512_loadu_ps(bt + k * kLanes));
+          odd = _mm512_add_ps(odd, _mm512_loadu_ps(bt + (k + 1) * kLanes));
+        }
+        top = _mm512_max_ps(top, _mm512_max_ps(even, odd));
+        _mm512_storeu_ps(buf.data() + k * kLanes, even);
+        _mm512_storeu_ps(buf.data() + (k + 1) * kLanes, odd);
+      }
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_count; ++k) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(buf.data() + k * kLanes), top));
+      _mm512_storeu_ps(buf.data() + k * kLanes, e);
+      total = _mm512_add_ps(total, e);
+    }
+    // index = #{k : cdf_k < u}, cdf_k = (1 - unimix) Σ_{j<=k} e_j / Σ e + unimix (k + 1) / K: as the portable path.
+    const __m512 scale = _mm512_div_ps(_mm512_set1_ps(1.0f - unimix), total), u = _mm512_loadu_ps(noise + row0);
+    __m512 cdf = _mm512_setzero_ps();
+    __m512i count = _mm512_setzero_si512();
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t k = 0; k < k_count; ++k) {
+      cdf = _mm512_add_ps(cdf, _mm512_loadu_ps(buf.data() + k * kLanes));
+      const __m512 level = _mm512_set1_ps(unimix * static_cast<float>(k + 1) / static_cast<float>(k_count));
+      const __mmask16 below = _mm512_cmp_ps_mask(_mm512_fmadd_ps(cdf, scale, level), u, _CMP_LT_OQ);
+      count = _mm512_mask_add_epi32(count, below, count, one);
+    }
+    count = _mm512_min_epi32(count, _mm512_set1_epi32(static_cast<int>(k_count - 1)));
+    _mm512_storeu_si512(out + row0, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(count)));
+    _mm512_storeu_si512(out + row0 + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(count, 1)));
+  }
+}
+
 // gru_gate_rows (below) for bfloat16 y with D/G a multiple of 16.
 FASTDREAM_BF16_DOT
 void gru_gate_rows_bf16_avx512(const uint16_t* y, const float* bias, const float* deter, float* out, int64_t row0,
@@ -537,7 +666,8 @@ void gru_gate_rows_bf16_avx512(const uint16_t* y, const float* bias, const float
   }
 }
 #else
-constexpr bool kAvx512Bf16 = false;
+void unimix_index_tiles_bf16_avx512(const uint16_t*, const float*, int64_t*, int64_t, int64_t, int64_t, float,
+                                    const float*, int64_t) {}
 void gru_gate_rows_bf16_avx512(const uint16_t*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
                                int64_t) {}
 void norm_silu_rows_bf16_avx512(const uint16_t*, const float*, const float*, uint16_t*, int64_t, int64_t, int64_t,

@@ -61,11 +61,15 @@ table = (torch.randn(1024, 256) / 4).bfloat16().view(torch.int16).numpy()
 rows = (torch.randint(0, 32, (300, 32)) + torch.arange(32) * 32).numpy()
 y = (torch.randn(8, 300, 96) * 2).bfloat16().view(torch.int16).numpy()
 gate_bias, deter = (torch.randn(768) * 0.3).numpy(), torch.randn(300, 256).numpy()
+prior = (torch.randn(300 * 32 + 5, 32) * 3).bfloat16().view(torch.int16).numpy()  # a partial last tile
+u, prior_bias = torch.rand(300 * 32 + 5).numpy(), torch.randn(32 * 32).numpy()
 as_f32 = lambda a: torch.from_numpy(a).view(torch.bfloat16).float().numpy()
 np.savez(sys.argv[1], avx=_ops.avx512_bf16, norm=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2)),
          grouped=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2, 8)),
          gather=as_f32(_ops.gather_norm_silu(x, table, rows, w, b, 1e-3, True, 2)),
-         gate=_ops.gru_gate(y, gate_bias, deter, True, 2))
+         gate=_ops.gru_gate(y, gate_bias, deter, True, 2),
+         draw=_ops.unimix_index(prior, u, 0.01, True, 2, prior_bias),
+         draw_k24=_ops.unimix_index(np.ascontiguousarray(prior[:, :24]), u, 0.01, True, 2))  # a masked dword block
 """
 
 
@@ -92,6 +96,9 @@ def test_avx512_bf16_paths_equal_the_portable_clones(tmp_path):
         np.testing.assert_allclose(out["fast"][key], out["portable"][key], rtol=2**-7, atol=2**-7, err_msg=key)
         assert float(np.mean(out["fast"][key] != out["portable"][key])) < 0.02, key  # mostly the same rounding
     np.testing.assert_allclose(out["fast"]["gate"], out["portable"]["gate"], rtol=1e-4, atol=1e-4)
+    for key in ("draw", "draw_k24"):  # the two exp polynomials (~2e-7) move at most a draw at a CDF step
+        assert int((out["fast"][key] != out["portable"][key]).sum()) <= 2, key
+        assert len(np.unique(out["fast"][key])) > 20
 
 
 def test_gather_norm_silu_refuses_bad_input_before_reading_out_of_bounds():
