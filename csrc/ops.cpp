@@ -199,9 +199,11 @@ __attribute__((always_inline)) inline void index_rows(const T* logits, const flo
                                                        int64_t row0, int64_t row1, int64_t k_count, float unimix,
                                                        const float* bias, int64_t period) {
   std::vector<float> buf(static_cast<size_t>(k_count * kLanes));
-  for (int64_t r = row0; r < row1; r += kLanes)
+  for (int64_t r = row0; r < row1; r += kLanes) {
+    if (r + (kPrefetchRows + 1) * kLanes <= row1) prefetch(logits + (r + kPrefetchRows * kLanes) * k_count, kLanes * k_count);
     index_tile(logits + r * k_count, noise + r, out + r, std::min(kLanes, row1 - r), k_count, unimix, buf.data(),
                bias, period, r);
+  }
 }
 
 FASTDREAM_CLONES
@@ -355,6 +357,16 @@ struct Addend {
   const float* bias = nullptr;
 };
 
+// norm_silu's inputs of row m (prefetch): x's row and the addend's G slices of it.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_rows(const T* x, const Addend<T>& a, int64_t m, int64_t m_count,
+                                                         int64_t c_count) {
+  prefetch(x + m * c_count, c_count);
+  const int64_t cg = c_count / a.groups;
+  if (a.add)
+    for (int64_t g = 0; g < a.groups; ++g) prefetch(a.add + (g * m_count + m) * cg, cg);
+}
+
 template <typename T>
 __attribute__((always_inline)) inline void add_into(float* __restrict__ buf, const Addend<T>& a, int64_t m,
                                                     int64_t m_count, int64_t c_count) {
@@ -373,6 +385,14 @@ __attribute__((always_inline)) inline void add_into(float* __restrict__ buf, con
     for (; c + kLanes <= c_count; c += kLanes) store_lanes(buf + c, load_lanes(buf + c) + load_lanes(a.bias + c));
     for (; c < c_count; ++c) buf[c] += a.bias[c];
   }
+}
+
+// gru_gate's inputs of row n (prefetch): its G slices of y [G, N, 3 D/G] and its deter row.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_gate_row(const T* y, const float* deter, int64_t n, int64_t n_count,
+                                                             int64_t groups, int64_t dg) {
+  for (int64_t g = 0; g < groups; ++g) prefetch(y + (g * n_count + n) * 3 * dg, 3 * dg);
+  prefetch(deter + n * groups * dg, groups * dg);
 }
 
 // gather_norm_silu's row of S table indices, or null if one lies outside [0, R): checked before any table row
@@ -463,6 +483,7 @@ void norm_silu_rows_bf16_avx512(const uint16_t* x, const float* w, const float* 
   std::vector<uint16_t> tmp(static_cast<size_t>(c_count));
   for (int64_t m = row0; m < row1; ++m) {
     const uint16_t* row = x + m * c_count;
+    if (m + kPrefetchRows < row1) prefetch_rows(x, addend, m + kPrefetchRows, m_count, c_count);
     for (int64_t c = 0; c < c_count; c += kLanes) _mm512_storeu_ps(buf.data() + c, load_bf16(row + c));
     add_into(buf.data(), addend, m, m_count, c_count);
     norm_silu_row_bf16(buf.data(), w, b, row_out(out, tmp.data(), m, c_count, groups), c_count, eps);
@@ -535,6 +556,10 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
   std::vector<float> buf(static_cast<size_t>(c_count));
   constexpr int64_t kBlock = 8 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
+    if (m + kPrefetchRows < row1) {
+      prefetch(rows + (m + kPrefetchRows) * s_count, s_count);
+      if (dense) prefetch(dense + (m + kPrefetchRows) * c_count, c_count);
+    }
     const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count);
     if (!idx) return false;
     const uint16_t* dense_row = dense ? dense + m * c_count : nullptr;
@@ -597,6 +622,7 @@ void unimix_index_tiles_bf16_avx512(const uint16_t* logits, const float* noise, 
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     const int64_t row0 = tile * kLanes;
     const uint16_t* src = logits + row0 * k_count;
+    if (tile + kPrefetchRows < tile1) prefetch(src + kPrefetchRows * kLanes * k_count, kLanes * k_count);
     const float* bt = bias_t ? bias_t + (row0 % period / std::gcd<int64_t>(period, kLanes)) % slots * k_count * kLanes
                              : nullptr;
     __m512 top = _mm512_set1_ps(-INFINITY);
@@ -648,6 +674,7 @@ void gru_gate_rows_bf16_avx512(const uint16_t* y, const float* bias, const float
                                int64_t row1, int64_t n_count, int64_t groups, int64_t dg) {
   const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
   for (int64_t n = row0; n < row1; ++n) {
+    if (n + kPrefetchRows < row1) prefetch_gate_row(y, deter, n + kPrefetchRows, n_count, groups, dg);
     for (int64_t g = 0; g < groups; ++g) {
       const uint16_t* src = y + (g * n_count + n) * 3 * dg;
       const float* b = bias + g * 3 * dg;
@@ -688,6 +715,7 @@ __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ 
   std::vector<T> tmp(static_cast<size_t>(c_count));
   for (int64_t m = row0; m < row1; ++m) {
     const T* row = x + m * c_count;
+    if (m + kPrefetchRows < row1) prefetch_rows(x, addend, m + kPrefetchRows, m_count, c_count);
     int64_t c = 0;
     for (; c + kLanes <= c_count; c += kLanes) store_lanes(buf.data() + c, load_row(row + c));
     for (; c < c_count; ++c) buf[c] = load_float(row, c);
@@ -821,6 +849,10 @@ __attribute__((always_inline)) inline bool gather_norm_silu_rows(const T* dense,
   std::vector<float> buf(static_cast<size_t>(c_count));
   constexpr int64_t kBlock = 16 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
+    if (m + kPrefetchRows < row1) {
+      prefetch(rows + (m + kPrefetchRows) * s_count, s_count);
+      if (dense) prefetch(dense + (m + kPrefetchRows) * c_count, c_count);
+    }
     const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count);
     if (!idx) return false;
     const T* dense_row = dense ? dense + m * c_count : nullptr;
@@ -924,6 +956,7 @@ __attribute__((always_inline)) inline void gru_gate_rows(const T* __restrict__ y
                                                          int64_t dg) {
   constexpr int kDegree = kExpDegree<T>;
   for (int64_t n = row0; n < row1; ++n) {
+    if (n + kPrefetchRows < row1) prefetch_gate_row(y, deter, n + kPrefetchRows, n_count, groups, dg);
     for (int64_t g = 0; g < groups; ++g) {
       const T* src = y + (g * n_count + n) * 3 * dg;
       const float* b = bias + g * 3 * dg;
@@ -1007,6 +1040,7 @@ __attribute__((always_inline)) inline void twohot_decode_rows(const T* __restric
                                                               const float* __restrict__ padded_bias) {
   const int64_t full = k_count / kLanes * kLanes, padded = (k_count + kLanes - 1) / kLanes * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
+    if (m + kPrefetchRows < row1) prefetch(logits + (m + kPrefetchRows) * k_count, k_count);
     const T* row = logits + m * k_count;
     for (int64_t k = 0; k < full; k += kLanes) store_lanes(buf + k, load_row(row + k) + load_lanes(padded_bias + k));
     for (int64_t k = full; k < padded; ++k) buf[k] = k < k_count ? load_float(row, k) + padded_bias[k] : -INFINITY;

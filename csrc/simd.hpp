@@ -47,6 +47,16 @@ __attribute__((always_inline)) inline Floats exp_clamped(Floats x) {
   return p * reinterpret_cast<const Floats&>(bits);
 }
 
+// Rows a kernel will read a few iterations ahead, asked for now: inside a dream its inputs come from DRAM (the
+// matmuls' outputs are not left in cache) and this CPU's hardware prefetchers did not run ahead of a row loop:
+// unimix_index took 1.24 ms on [131072, 32] inside a dream against 0.43 ms with these (0.42 ms in cache).
+constexpr int64_t kPrefetchRows = 4;
+template <typename T>
+__attribute__((always_inline)) inline void prefetch(const T* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b, 0, 3);
+}
+
 inline Floats load_lanes(const float* p) {
   Floats v;
   std::memcpy(&v, p, sizeof v);
