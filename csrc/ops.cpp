@@ -397,8 +397,17 @@ __attribute__((always_inline)) inline void prefetch_gate_row(const T* y, const f
 
 // gather_norm_silu's row of S table indices, or null if one lies outside [0, R): checked before any table row
 // is read.
+// With classes > 0 the S indices are classes, latent s's in [0, classes), and the table rows s · classes + idx[s]
+// (written to buf): a rollout passes its draws as they are, not a rows tensor built from them.
 __attribute__((always_inline)) inline const int64_t* checked_indices(const int64_t* idx, int64_t s_count,
-                                                                     int64_t r_count) {
+                                                                     int64_t r_count, int64_t classes, int64_t* buf) {
+  if (classes > 0) {
+    for (int64_t s = 0; s < s_count; ++s) {
+      if (idx[s] < 0 || idx[s] >= classes) return nullptr;
+      buf[s] = s * classes + idx[s];
+    }
+    return buf;
+  }
   for (int64_t s = 0; s < s_count; ++s)
     if (idx[s] < 0 || idx[s] >= r_count) return nullptr;
   return idx;
@@ -552,15 +561,16 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void dot_block(const ui
 FASTDREAM_BF16_DOT
 bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table, const int64_t* rows, const float* w,
                                     const float* b, uint16_t* out, int64_t row0, int64_t row1, int64_t s_count,
-                                    int64_t r_count, int64_t c_count, float eps) {
+                                    int64_t r_count, int64_t c_count, float eps, int64_t classes) {
   std::vector<float> buf(static_cast<size_t>(c_count));
+  std::vector<int64_t> abs_rows(static_cast<size_t>(s_count));
   constexpr int64_t kBlock = 8 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
     if (m + kPrefetchRows < row1) {
       prefetch(rows + (m + kPrefetchRows) * s_count, s_count);
       if (dense) prefetch(dense + (m + kPrefetchRows) * c_count, c_count);
     }
-    const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count);
+    const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count, classes, abs_rows.data());
     if (!idx) return false;
     const uint16_t* dense_row = dense ? dense + m * c_count : nullptr;
     int64_t c = 0;
@@ -700,7 +710,7 @@ void gru_gate_rows_bf16_avx512(const uint16_t*, const float*, const float*, floa
 void norm_silu_rows_bf16_avx512(const uint16_t*, const float*, const float*, uint16_t*, int64_t, int64_t, int64_t,
                                 int64_t, int64_t, float, const Addend<uint16_t>&) {}
 bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int64_t*, const float*, const float*,
-                                    uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float) {
+                                    uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t) {
   return false;
 }
 #endif
@@ -845,15 +855,17 @@ template <typename T>
 __attribute__((always_inline)) inline bool gather_norm_silu_rows(const T* dense, const T* table, const int64_t* rows,
                                                                  const float* weight, const float* bias, T* out,
                                                                  int64_t row0, int64_t row1, int64_t s_count,
-                                                                 int64_t r_count, int64_t c_count, float eps) {
+                                                                 int64_t r_count, int64_t c_count, float eps,
+                                                                 int64_t classes) {
   std::vector<float> buf(static_cast<size_t>(c_count));
+  std::vector<int64_t> abs_rows(static_cast<size_t>(s_count));
   constexpr int64_t kBlock = 16 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
     if (m + kPrefetchRows < row1) {
       prefetch(rows + (m + kPrefetchRows) * s_count, s_count);
       if (dense) prefetch(dense + (m + kPrefetchRows) * c_count, c_count);
     }
-    const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count);
+    const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count, classes, abs_rows.data());
     if (!idx) return false;
     const T* dense_row = dense ? dense + m * c_count : nullptr;
     int64_t c = 0;
@@ -877,20 +889,21 @@ __attribute__((always_inline)) inline bool gather_norm_silu_rows(const T* dense,
 FASTDREAM_CLONES
 bool gather_norm_silu_rows_f32(const float* dense, const float* table, const int64_t* rows, const float* w,
                                const float* b, float* out, int64_t row0, int64_t row1, int64_t s_count,
-                               int64_t r_count, int64_t c_count, float eps) {
-  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps);
+                               int64_t r_count, int64_t c_count, float eps, int64_t classes) {
+  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps, classes);
 }
 
 FASTDREAM_CLONES
 bool gather_norm_silu_rows_bf16(const uint16_t* dense, const uint16_t* table, const int64_t* rows, const float* w,
                                 const float* b, uint16_t* out, int64_t row0, int64_t row1, int64_t s_count,
-                                int64_t r_count, int64_t c_count, float eps) {
-  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps);
+                                int64_t r_count, int64_t c_count, float eps, int64_t classes) {
+  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps, classes);
 }
 
 
 py::array gather_norm_silu(const std::optional<py::array>& dense, const py::array& table, const py::array& rows,
-                           const py::array& weight, const py::array& bias, double eps, bool bfloat16, int threads) {
+                           const py::array& weight, const py::array& bias, double eps, bool bfloat16, int threads,
+                           int64_t classes) {
   check_floats(table, bfloat16, "gather_norm_silu", "table");
   if (table.ndim() != 2 || table.shape(0) < 1 || table.shape(1) < 1 || !(table.flags() & py::array::c_style))
     throw py::value_error("gather_norm_silu: table " + shape_of(table) + " must be a C-contiguous [R, C] with R, C >= 1");
@@ -899,6 +912,10 @@ py::array gather_norm_silu(const std::optional<py::array>& dense, const py::arra
   if (rows.ndim() != 2 || !(rows.flags() & py::array::c_style))
     throw py::value_error("gather_norm_silu: rows " + shape_of(rows) + " must be a C-contiguous [M, S]");
   const int64_t m_count = rows.shape(0), s_count = rows.shape(1), r_count = table.shape(0), c_count = table.shape(1);
+  if (classes < 0 || (classes > 0 && r_count != s_count * classes))
+    throw py::value_error("gather_norm_silu: classes " + std::to_string(classes) + " must be 0 (rows index the table) " +
+                          "or K with table rows R = S * K (rows [M, S] hold classes), got table " + shape_of(table) +
+                          " and rows " + shape_of(rows));
   if (dense) {
     check_floats(*dense, bfloat16, "gather_norm_silu", "dense");
     if (dense->ndim() != 2 || dense->shape(0) != m_count || dense->shape(1) != c_count ||
@@ -928,19 +945,22 @@ py::array gather_norm_silu(const std::optional<py::array>& dense, const py::arra
       if (bfloat16 && dot)
         ok = ok && gather_norm_silu_rows_bf16_dot(static_cast<const uint16_t*>(d), static_cast<const uint16_t*>(tab),
                                                   r, w, b, static_cast<uint16_t*>(o), r0, r1, s_count, r_count,
-                                                  c_count, e);
+                                                  c_count, e, classes);
       else if (bfloat16)
         ok = ok && gather_norm_silu_rows_bf16(static_cast<const uint16_t*>(d), static_cast<const uint16_t*>(tab), r,
-                                              w, b, static_cast<uint16_t*>(o), r0, r1, s_count, r_count, c_count, e);
+                                              w, b, static_cast<uint16_t*>(o), r0, r1, s_count, r_count, c_count, e,
+                                              classes);
       else
         ok = ok && gather_norm_silu_rows_f32(static_cast<const float*>(d), static_cast<const float*>(tab), r, w, b,
-                                             static_cast<float*>(o), r0, r1, s_count, r_count, c_count, e);
+                                             static_cast<float*>(o), r0, r1, s_count, r_count, c_count, e, classes);
     }
   }
   if (!ok) {
-    const int64_t* bad = std::find_if(r, r + m_count * s_count, [&](int64_t i) { return i < 0 || i >= r_count; });
-    throw py::index_error("gather_norm_silu: row index " + std::to_string(*bad) + " outside [0, " +
-                          std::to_string(r_count) + ") of table " + shape_of(table));
+    const int64_t bound = classes > 0 ? classes : r_count;
+    const int64_t* bad = std::find_if(r, r + m_count * s_count, [&](int64_t i) { return i < 0 || i >= bound; });
+    throw py::index_error("gather_norm_silu: " + std::string(classes > 0 ? "class" : "row") + " index " +
+                          std::to_string(*bad) + " outside [0, " + std::to_string(bound) + ") of table " +
+                          shape_of(table));
   }
   return out;
 }
@@ -1132,10 +1152,11 @@ PYBIND11_MODULE(_ops, m) {
         "result laid out [G, M, C/G] (column block g of every row together), as a block matmul reads it.\n"
         "add [Ga, M, C/Ga] (x's dtype) and add_bias [C] float32, or None: added to x's rows before the norm.");
   m.def("gather_norm_silu", &gather_norm_silu, py::arg("dense"), py::arg("table"), py::arg("rows"), py::arg("weight"),
-        py::arg("bias"), py::arg("eps"), py::arg("bfloat16") = false, py::arg("threads") = 1,
+        py::arg("bias"), py::arg("eps"), py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("classes") = 0,
         "[M, C] of table's dtype: silu(layer_norm(dense[m] + sum_s table[rows[m, s]]) * weight + bias) per row m, for\n"
         "table [R, C] and dense [M, C] or None (float32, or bfloat16 as 16-bit words with bfloat16=True), rows [M, S]\n"
-        "int64 in [0, R), weight and bias [C] float32; the maths in float32.");
+        "int64 in [0, R), weight and bias [C] float32; the maths in float32. classes = K > 0: rows hold each latent's\n"
+        "class in [0, K) and the table row is s * K + rows[m, s] (R = S * K).");
   m.def("twohot_decode", &twohot_decode, py::arg("logits"), py::arg("bins"), py::arg("bfloat16") = false,
         py::arg("threads") = 1, py::arg("bias") = py::none(),
         "[M] float32: symexp(sum_k softmax(logits + bias)_k bins_k) per row of logits [M, K] (float32, or bfloat16\n"

@@ -387,31 +387,31 @@ def onehot_norm_silu(x: torch.Tensor, weight: torch.Tensor, norm: Norm, index: t
     start = weight.shape[1] - groups * classes
     if not _no_grad_cpu(x, weight, ln.weight, ln.bias) or x.shape[-1] not in (start, weight.shape[1]):
         return norm_silu(onehot_linear(x, weight, index, classes), norm)
-    rows = index.reshape(-1, groups) + torch.arange(groups, device=x.device) * classes  # [M, S]
     table = onehot_table(weight, groups * classes) if table is None else table
     dense = F.linear(x[..., :start], weight[:, :start]).reshape(-1, weight.shape[0]) if start else None
     if dense is not None and dense.dtype != table.dtype:
         return norm_silu(onehot_linear(x, weight, index, classes), norm)
-    out = _gather_norm_silu_cpu(dense, table, rows, ln.weight.detach().float(),
-                                ln.bias.detach().float(), float(ln.eps))
+    # The kernel adds each latent's table offset (s·K) itself: no [M, S] rows tensor is written and read again.
+    out = _gather_norm_silu_cpu(dense, table, index.reshape(-1, groups), ln.weight.detach().float(),
+                                ln.bias.detach().float(), float(ln.eps), classes)
     return out.reshape(*index.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("fastdream::gather_norm_silu", mutates_args=())
 def _gather_norm_silu_cpu(dense: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
-                          bias: torch.Tensor, eps: float) -> torch.Tensor:
+                          bias: torch.Tensor, eps: float, classes: int = 0) -> torch.Tensor:
     from fastdream import _ops
 
     out = _ops.gather_norm_silu(None if dense is None else _words(dense), _words(table), rows.contiguous().numpy(),
                                 weight.contiguous().numpy(), bias.contiguous().numpy(), eps,
-                                table.dtype == torch.bfloat16, torch.get_num_threads())
+                                table.dtype == torch.bfloat16, torch.get_num_threads(), classes)
     out = torch.from_numpy(out)
     return out.view(torch.bfloat16) if table.dtype == torch.bfloat16 else out
 
 
 @_gather_norm_silu_cpu.register_fake
 def _(dense: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-      eps: float) -> torch.Tensor:
+      eps: float, classes: int = 0) -> torch.Tensor:
     return table.new_empty(rows.shape[0], table.shape[1])
 
 

@@ -128,6 +128,17 @@ def test_gather_norm_silu_refuses_bad_input_before_reading_out_of_bounds():
         _ops.gather_norm_silu(dense, table, rows, w[:15], b, 1e-3)
     with pytest.raises(ValueError, match="eps must be > 0"):
         _ops.gather_norm_silu(dense, table, rows, w, b, -1.0)
+    # classes = K: rows hold classes and latent s reads table row s·K + class (R = S·K), as the rollout passes draws.
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((8, 16)).astype(np.float32)
+    classes = rng.integers(0, 4, (5, 2))
+    by_class = _ops.gather_norm_silu(dense, table, classes, w, b, 1e-3, False, 2, 4)
+    np.testing.assert_array_equal(by_class, _ops.gather_norm_silu(dense, table, classes + [0, 4], w, b, 1e-3, False, 2))
+    classes[2, 0] = 4  # a valid row index, not a valid class
+    with pytest.raises(IndexError, match=r"class index 4 outside \[0, 4\)"):
+        _ops.gather_norm_silu(dense, table, classes, w, b, 1e-3, False, 2, 4)
+    with pytest.raises(ValueError, match=r"classes 3 must be 0 .* R = S \* K"):
+        _ops.gather_norm_silu(dense, table, classes, w, b, 1e-3, False, 2, 3)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
