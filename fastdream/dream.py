@@ -97,18 +97,23 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
     rssm = world_model.rssm
     index = stoch.argmax(-1)
     deters, stochs, actions, indices = [deter], [stoch], [], [index]
+    action_table = None
     if onehot:
         deters[0] = autocast_input(deter)
-        actor_table, stoch_table = tables if tables is not None else _gather_tables(world_model, actor)
+        actor_table, stoch_table, action_table = tables if tables is not None else _gather_tables(world_model, actor)
         if step is None:
-            step = lambda m, *args: RSSM.img_step(m, *args, table=stoch_table)  # noqa: E731
+            step = lambda m, *args, **kw: RSSM.img_step(m, *args, table=stoch_table, **kw)  # noqa: E731
+        else:
+            action_table = None  # another step function computes its own action input
     step = step or RSSM.img_step
     for t in range(noise_stoch.shape[0]):
         if onehot:
             action = actor.sample_with_noise(deters[-1], noise_action[t], (index, rssm.classes, actor_table))
         else:
             action = actor.sample_with_noise(rssm.feat(deter, stoch), noise_action[t])
-        deter, stoch, _, index = step(rssm, deter, stoch, action, noise_stoch[t], index if onehot else None)
+        # A one-hot action's GRU input is a row of the action table.
+        kw = {} if action_table is None else {"action_in": action_table[action.argmax(-1)]}
+        deter, stoch, _, index = step(rssm, deter, stoch, action, noise_stoch[t], index if onehot else None, **kw)
         deters.append(autocast_input(deter) if onehot else deter)
         stochs.append(stoch)
         actions.append(action)
@@ -129,13 +134,15 @@ def _feat_from_index(deter: torch.Tensor, index: torch.Tensor, classes: int) -> 
 _GRAPHS: dict[tuple, tuple] = {}
 
 
-def _gather_tables(world_model: WorldModel, actor: Actor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The gather tables (``nets.onehot_table``) of the actor's first layer and the GRU's stoch input, built once
-    for a rollout's H steps. A compiled rollout takes them as inputs: built inside it, inductor wrote one copy
-    per gather (every step's), ~4.5 ms of an N=4096 dream."""
+def _gather_tables(world_model: WorldModel, actor: Actor
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """The gather tables (``nets.onehot_table``) of the actor's first layer and the GRU's stoch input, and for a
+    discrete actor the GRU's action input per action (``RSSM.action_table``), built once for a rollout's H steps.
+    A compiled rollout takes them as inputs: built inside it, inductor wrote one copy per gather (every step's),
+    ~4.5 ms of an N=4096 dream."""
     rssm, body = world_model.rssm, actor.net.body
     actor_table = onehot_table(body[0].weight, rssm.stoch * rssm.classes) if len(body) else None
-    return actor_table, rssm.stoch_table()
+    return actor_table, rssm.stoch_table(), rssm.action_table(actor.action_dim) if actor.discrete else None
 
 
 class _Dreamer(torch.nn.Module):

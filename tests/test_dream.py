@@ -186,3 +186,18 @@ def test_horizon_schedules():
     assert short.starts_at(0, 16_384) == 5 * 1024  # shorter dreams, more of them: N*H kept
     with pytest.raises(ValueError, match="mode must be fixed, ramp or budget"):
         HorizonSchedule("cosine")
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_action_table_rows_are_the_gru_action_inputs(bf16):
+    """``RSSM.action_table``: row a is ``action_input(one_hot(a))`` bit for bit (the same row maths), which a
+    discrete-action rollout gathers instead of a matmul, LayerNorm and SiLU per step."""
+    torch.manual_seed(0)
+    wm = WorldModel(vector_dim=4, image=False, action_dim=5, deter=64, hidden=32, stoch=8, classes=16, blocks=4,
+                    units=32)
+    actions = torch.randint(0, 5, (37,))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        table = wm.rssm.action_table(5)
+        want = wm.rssm.action_input(torch.nn.functional.one_hot(actions, 5).float())
+    assert table.shape == (5, 32) and table.dtype == want.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert torch.equal(table[actions], want) and table.std() > 0.1
