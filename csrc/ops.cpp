@@ -350,6 +350,13 @@ __attribute__((always_inline)) inline void scatter_groups(const T* tmp, T* out, 
 // What norm_silu may add to row m of x before the norm: `add` [G, M, C/G] of x's dtype (laid out as a block
 // matmul's bmm leaves it, no transposed copy) and `bias` [C] float32 — the layer's parts an addmm had summed,
 // copying one of them into its output on one thread first.
+// gru_gate's optional bfloat16 copies of the new deter (either may be null): rows [N, D], as the next step's
+// matmuls read it, and grouped [G, N, D/G], as its block matmul reads it.
+struct GateCopies {
+  uint16_t* rows = nullptr;
+  uint16_t* grouped = nullptr;
+};
+
 template <typename T>
 struct Addend {
   const T* add = nullptr;
@@ -681,7 +688,7 @@ void unimix_index_tiles_bf16_avx512(const uint16_t* logits, const float* noise, 
 // gru_gate_rows (below) for bfloat16 y with D/G a multiple of 16.
 FASTDREAM_BF16_DOT
 void gru_gate_rows_bf16_avx512(const uint16_t* y, const float* bias, const float* deter, float* out, int64_t row0,
-                               int64_t row1, int64_t n_count, int64_t groups, int64_t dg) {
+                               int64_t row1, int64_t n_count, int64_t groups, int64_t dg, const GateCopies& copies) {
   const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
   for (int64_t n = row0; n < row1; ++n) {
     if (n + kPrefetchRows < row1) prefetch_gate_row(y, deter, n + kPrefetchRows, n_count, groups, dg);
@@ -697,7 +704,14 @@ void gru_gate_rows_bf16_avx512(const uint16_t* y, const float* bias, const float
         const __m512 u = _mm512_add_ps(load_bf16(src + 2 * dg + j), _mm512_loadu_ps(b + 2 * dg + j));
         const __m512 update = sigmoid_avx512(_mm512_sub_ps(u, one));
         const __m512 old = _mm512_loadu_ps(h + j);
-        _mm512_storeu_ps(dst + j, _mm512_fmadd_ps(update, _mm512_sub_ps(cand, old), old));
+        const __m512 next = _mm512_fmadd_ps(update, _mm512_sub_ps(cand, old), old);
+        _mm512_storeu_ps(dst + j, next);
+        if (copies.rows || copies.grouped) {
+          const __m256i words = (__m256i)_mm512_cvtneps_pbh(next);
+          if (copies.rows) _mm256_storeu_si256(reinterpret_cast<__m256i*>(copies.rows + (n * groups + g) * dg + j), words);
+          if (copies.grouped)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(copies.grouped + (g * n_count + n) * dg + j), words);
+        }
       }
     }
   }
@@ -706,7 +720,7 @@ void gru_gate_rows_bf16_avx512(const uint16_t* y, const float* bias, const float
 void unimix_index_tiles_bf16_avx512(const uint16_t*, const float*, int64_t*, int64_t, int64_t, int64_t, float,
                                     const float*, int64_t) {}
 void gru_gate_rows_bf16_avx512(const uint16_t*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
-                               int64_t) {}
+                               int64_t, const GateCopies&) {}
 void norm_silu_rows_bf16_avx512(const uint16_t*, const float*, const float*, uint16_t*, int64_t, int64_t, int64_t,
                                 int64_t, int64_t, float, const Addend<uint16_t>&) {}
 bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int64_t*, const float*, const float*,
@@ -973,7 +987,7 @@ template <typename T>
 __attribute__((always_inline)) inline void gru_gate_rows(const T* __restrict__ y, const float* __restrict__ bias,
                                                          const float* __restrict__ deter, float* __restrict__ out,
                                                          int64_t row0, int64_t row1, int64_t n_count, int64_t groups,
-                                                         int64_t dg) {
+                                                         int64_t dg, const GateCopies& copies) {
   constexpr int kDegree = kExpDegree<T>;
   for (int64_t n = row0; n < row1; ++n) {
     if (n + kPrefetchRows < row1) prefetch_gate_row(y, deter, n + kPrefetchRows, n_count, groups, dg);
@@ -988,13 +1002,18 @@ __attribute__((always_inline)) inline void gru_gate_rows(const T* __restrict__ y
         const Floats cand = 2.0f * sigmoid<kDegree>(2.0f * reset * (load_row(src + dg + j) + load_lanes(b + dg + j))) - 1.0f;
         const Floats update = sigmoid<kDegree>(load_row(src + 2 * dg + j) + load_lanes(b + 2 * dg + j) - 1.0f);
         const Floats old = load_lanes(h + j);
-        store_lanes(dst + j, old + update * (cand - old));
+        const Floats next = old + update * (cand - old);
+        store_lanes(dst + j, next);
+        if (copies.rows) store_row(copies.rows + (n * groups + g) * dg + j, next);
+        if (copies.grouped) store_row(copies.grouped + (g * n_count + n) * dg + j, next);
       }
       for (; j < dg; ++j) {
         const float reset = sigmoid(load_float(src, j) + b[j]);
         const float cand = 2.0f * sigmoid(2.0f * reset * (load_float(src, dg + j) + b[dg + j])) - 1.0f;
         const float update = sigmoid(load_float(src, 2 * dg + j) + b[2 * dg + j] - 1.0f);
         dst[j] = h[j] + update * (cand - h[j]);
+        if (copies.rows) store_float(copies.rows, (n * groups + g) * dg + j, dst[j]);
+        if (copies.grouped) store_float(copies.grouped, (g * n_count + n) * dg + j, dst[j]);
       }
     }
   }
@@ -1002,18 +1021,18 @@ __attribute__((always_inline)) inline void gru_gate_rows(const T* __restrict__ y
 
 FASTDREAM_CLONES
 void gru_gate_rows_f32(const float* y, const float* bias, const float* deter, float* out, int64_t row0, int64_t row1,
-                       int64_t n_count, int64_t groups, int64_t dg) {
-  gru_gate_rows(y, bias, deter, out, row0, row1, n_count, groups, dg);
+                       int64_t n_count, int64_t groups, int64_t dg, const GateCopies& copies) {
+  gru_gate_rows(y, bias, deter, out, row0, row1, n_count, groups, dg, copies);
 }
 
 FASTDREAM_CLONES
 void gru_gate_rows_bf16(const uint16_t* y, const float* bias, const float* deter, float* out, int64_t row0,
-                        int64_t row1, int64_t n_count, int64_t groups, int64_t dg) {
-  gru_gate_rows(y, bias, deter, out, row0, row1, n_count, groups, dg);
+                        int64_t row1, int64_t n_count, int64_t groups, int64_t dg, const GateCopies& copies) {
+  gru_gate_rows(y, bias, deter, out, row0, row1, n_count, groups, dg, copies);
 }
 
-py::array_t<float> gru_gate(const py::array& y, const py::array& bias, const py::array& deter, bool bfloat16,
-                            int threads) {
+py::object gru_gate(const py::array& y, const py::array& bias, const py::array& deter, bool bfloat16, int threads,
+                    bool copies) {
   check_floats(y, bfloat16, "gru_gate", "y");
   if (!deter.dtype().is(py::dtype::of<float>()))
     throw py::type_error("gru_gate: deter dtype " + std::string(py::str(deter.dtype())) + ", expected float32");
@@ -1030,6 +1049,15 @@ py::array_t<float> gru_gate(const py::array& y, const py::array& bias, const py:
   const auto* b = static_cast<const float*>(bias.data());
   const auto* h = static_cast<const float*>(deter.data());
   auto* o = static_cast<float*>(out.mutable_data());
+  py::array_t<int16_t> rows_copy, grouped_copy;  // bfloat16 words, as the other kernels' bf16 outputs
+  GateCopies cp;
+  if (copies) {
+    if (!bfloat16) throw py::value_error("gru_gate: copies=True needs bfloat16 y (the copies are in y's dtype)");
+    rows_copy = py::array_t<int16_t>({n_count, groups * dg});
+    grouped_copy = py::array_t<int16_t>({groups, n_count, dg});
+    cp.rows = reinterpret_cast<uint16_t*>(rows_copy.mutable_data());
+    cp.grouped = reinterpret_cast<uint16_t*>(grouped_copy.mutable_data());
+  }
   const int n = threads_for(threads, n_count, n_count * groups * dg * 3);
   const bool fast = kAvx512Bf16 && dg % kLanes == 0;
   {
@@ -1038,14 +1066,15 @@ py::array_t<float> gru_gate(const py::array& y, const py::array& bias, const py:
     for (int t = 0; t < n; ++t) {
       const int64_t r0 = n_count * t / n, r1 = n_count * (t + 1) / n;
       if (bfloat16 && fast)
-        gru_gate_rows_bf16_avx512(static_cast<const uint16_t*>(src), b, h, o, r0, r1, n_count, groups, dg);
+        gru_gate_rows_bf16_avx512(static_cast<const uint16_t*>(src), b, h, o, r0, r1, n_count, groups, dg, cp);
       else if (bfloat16)
-        gru_gate_rows_bf16(static_cast<const uint16_t*>(src), b, h, o, r0, r1, n_count, groups, dg);
+        gru_gate_rows_bf16(static_cast<const uint16_t*>(src), b, h, o, r0, r1, n_count, groups, dg, cp);
       else
-        gru_gate_rows_f32(static_cast<const float*>(src), b, h, o, r0, r1, n_count, groups, dg);
+        gru_gate_rows_f32(static_cast<const float*>(src), b, h, o, r0, r1, n_count, groups, dg, cp);
     }
   }
-  return out;
+  if (copies) return py::make_tuple(out, rows_copy, grouped_copy);
+  return std::move(out);
 }
 
 // twohot_decode: symexp(Σ_k softmax(logits + bias)_k bins_k) per row of logits [M, K] (nets.twohot_decode), float32
@@ -1163,7 +1192,8 @@ PYBIND11_MODULE(_ops, m) {
         "as 16-bit words with bfloat16=True) over bins [K] float32; bias [K] float32 or None (the head's bias,\n"
         "added here instead of by an addmm that copied it into every output row on one thread).");
   m.def("gru_gate", &gru_gate, py::arg("y"), py::arg("bias"), py::arg("deter"), py::arg("bfloat16") = false,
-        py::arg("threads") = 1,
+        py::arg("threads") = 1, py::arg("copies") = false,
         "next deter [N, D] float32: the block-GRU update from the block matmul's output y [G, N, 3 D/G] (float32,\n"
-        "or bfloat16 as 16-bit words with bfloat16=True) before its bias [3 D] float32, and deter [N, D] float32.");
+        "or bfloat16 as 16-bit words with bfloat16=True) before its bias [3 D] float32, and deter [N, D] float32.\n"
+        "copies=True: (deter, its bfloat16 words [N, D], the same [G, N, D/G]) for the next step's matmuls.");
 }

@@ -86,23 +86,28 @@ def draw_noise(n: int, horizon: int, stoch: int, actor: Actor, device, generator
 
 def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: torch.Tensor,
              noise_stoch: torch.Tensor, noise_action: torch.Tensor, step: Callable | None = None,
-             onehot: bool = False, tables: tuple[torch.Tensor | None, torch.Tensor] | None = None):
+             onehot: bool = False,
+             tables: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None):
     """``H = len(noise_stoch)`` steps from one-hot start ``stoch`` → ``deter [N, H+1, D]``,
     ``stoch [N, H+1, S, K]`` (``None`` if ``onehot``), ``action [N, H, A]``, ``index [N, H+1, S]`` (the
     stoch classes). ``onehot`` (no-grad dreams): every layer reading stoch gathers weight rows by
     ``index`` (``nets.onehot_linear``) and no dense stoch is kept, so a compiled rollout never writes one; under
     autocast its ``deter`` sequence is kept in the autocast dtype, as every layer reads it (the recurrence itself
-    stays float32): one bf16 copy per step instead of inductor's one per consumer, and half the output's bytes
-    (xs N=4096 compile bf16, A/B in one process: 1.02x). ``tables``: ``_gather_tables`` built already."""
+    stays float32): the gate kernel writes that copy and the block matmul's grouped one as it rounds
+    (``RSSM.img_step_low``), where inductor's casts wrote one per consumer, and the output has half the bytes.
+    ``tables``: ``_gather_tables`` built already."""
     rssm = world_model.rssm
     index = stoch.argmax(-1)
     deters, stochs, actions, indices = [deter], [stoch], [], [index]
-    action_table = None
+    action_table = low = None
     if onehot:
         deters[0] = autocast_input(deter)
         actor_table, stoch_table, action_table = tables if tables is not None else _gather_tables(world_model, actor)
         if step is None:
             step = lambda m, *args, **kw: RSSM.img_step(m, *args, table=stoch_table, **kw)  # noqa: E731
+            if deters[0].dtype != deter.dtype:  # autocast: carry deter's low-precision copies (RSSM.img_step_low)
+                g = rssm.blocks
+                low = (deters[0], deters[0].reshape(-1, g, rssm.deter // g).transpose(0, 1).contiguous())
         else:
             action_table = None  # another step function computes its own action input
     step = step or RSSM.img_step
@@ -113,8 +118,12 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
             action = actor.sample_with_noise(rssm.feat(deter, stoch), noise_action[t])
         # A one-hot action's GRU input is a row of the action table.
         kw = {} if action_table is None else {"action_in": action_table[action.argmax(-1)]}
-        deter, stoch, _, index = step(rssm, deter, stoch, action, noise_stoch[t], index if onehot else None, **kw)
-        deters.append(autocast_input(deter) if onehot else deter)
+        if low is not None:
+            deter, low, stoch, _, index = rssm.img_step_low(deter, low, stoch, action, noise_stoch[t], index,
+                                                             stoch_table, **kw)
+        else:
+            deter, stoch, _, index = step(rssm, deter, stoch, action, noise_stoch[t], index if onehot else None, **kw)
+        deters.append(low[0] if low is not None else autocast_input(deter) if onehot else deter)
         stochs.append(stoch)
         actions.append(action)
         indices.append(index)

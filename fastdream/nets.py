@@ -232,17 +232,27 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, gro
     return x.new_empty(m, c) if groups == 1 else x.new_empty(groups, m, c // groups)
 
 
-def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, copies: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block-GRU update (``kernels.reference.gru_gate_reference``) from the block matmul's own output
     ``y [G, N, 3·D/G]`` before its ``bias [3D]``, and ``deter [N, D]`` → next deter ``[N, D]`` (float32).
 
     On a CPU without gradients: the C++ kernel ``_ops.gru_gate`` reads ``y`` where the matmul left it (no
-    transpose, no bias pass) and writes only the new deter. Elsewhere: the reference maths.
+    transpose, no bias pass) and writes only the new deter. Elsewhere: the reference maths. ``copies``: also the
+    new deter in ``y``'s dtype as the next step's matmuls read it, ``[N, D]`` and ``[G, N, D/G]`` (the kernel
+    rounds what it writes anyway; inductor's cast wrote 4 copies, the block matmul's in a layout it copied again).
     """
-    if _no_grad_cpu(y, bias, deter):
-        return _gru_gate_cpu(y, bias.detach().float(), deter.float())
     g, n, k = y.shape
-    return gru_gate_reference(y.transpose(0, 1).reshape(n, g * k) + bias, deter, g)
+    if _no_grad_cpu(y, bias, deter):
+        if copies and y.dtype == torch.bfloat16:
+            return _gru_gate_copies_cpu(y, bias.detach().float(), deter.float())
+        out = _gru_gate_cpu(y, bias.detach().float(), deter.float())
+    else:
+        out = gru_gate_reference(y.transpose(0, 1).reshape(n, g * k) + bias, deter, g)
+    if not copies:
+        return out
+    low = out.to(y.dtype)
+    return out, low, low.reshape(n, g, k // 3).transpose(0, 1).contiguous()
 
 
 @torch.library.custom_op("fastdream::gru_gate", mutates_args=())
@@ -256,6 +266,24 @@ def _gru_gate_cpu(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> t
 @_gru_gate_cpu.register_fake
 def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
     return deter.new_empty(deter.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdream::gru_gate_copies", mutates_args=())
+def _gru_gate_copies_cpu(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastdream import _ops
+
+    out, rows, grouped = _ops.gru_gate(_words(y), bias.contiguous().numpy(), deter.detach().contiguous().numpy(), True,
+                                       torch.get_num_threads(), True)
+    return (torch.from_numpy(out), torch.from_numpy(rows).view(torch.bfloat16),
+            torch.from_numpy(grouped).view(torch.bfloat16))
+
+
+@_gru_gate_copies_cpu.register_fake
+def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, n, k = y.shape
+    return (deter.new_empty(deter.shape, dtype=torch.float32), y.new_empty(n, g * (k // 3)),
+            y.new_empty(g, n, k // 3))
 
 
 def onehot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

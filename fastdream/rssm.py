@@ -80,29 +80,31 @@ class RSSM(nn.Module):
     def gru_step(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
                  index: torch.Tensor | None = None,
                  weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 table: torch.Tensor | None = None) -> torch.Tensor:
+                 table: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 copies: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next deter ``[N, D]``: the gate maths on ``gate_inputs`` (same arguments), fused with the GRU's
-        bias on the block matmul's output (``nets.gru_gate_grouped``)."""
-        y = torch.bmm(self.gru_input(deter, stoch, action_in, index, weights, True, table), self.gru.weight)
-        return gru_gate_grouped(y, self.gru.bias, deter)
+        bias on the block matmul's output (``nets.gru_gate_grouped``). ``low``/``copies``: see ``img_step_low``."""
+        y = torch.bmm(self.gru_input(deter, stoch, action_in, index, weights, True, table, low), self.gru.weight)
+        return gru_gate_grouped(y, self.gru.bias, deter, copies)
 
     def gru_input(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
                   index: torch.Tensor | None = None,
                   weights: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = False,
-                  table: torch.Tensor | None = None) -> torch.Tensor:
+                  table: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> torch.Tensor:
         """The block GRU's input ``[N, D]`` (dynhid's output) from ``action_in = action_input(action)``.
         ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows
         (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already. ``grouped``: laid out
         ``[G, N, D/G]`` for the block matmul (``nets.norm_silu`` writes it so; no transposed copy). ``table``:
-        ``stoch_table()`` built already."""
+        ``stoch_table()`` built already. ``low``: deter in the matmuls' dtype, ``[N, D]`` and ``[G, N, D/G]``."""
         if index is not None:
             stoch_in = onehot_norm_silu(stoch.flatten(-2), self.dynin_stoch[0].weight, self.dynin_stoch[1], index,
                                         self.classes, table)
         else:
             stoch_in = self.dynin_stoch(stoch.flatten(-2))
-        x = torch.cat([self.dynin_deter(deter), stoch_in, action_in], -1)
+        x = torch.cat([self.dynin_deter(deter if low is None else low[0]), stoch_in, action_in], -1)
         if grouped and len(self.dynhid) == 3:  # one layer: its Norm and SiLU sum its parts, write the grouped layout
-            own, shared = self.dynhid_parts(deter, x, weights)
+            own, shared = self.dynhid_parts(deter, x, weights, None if low is None else low[1])
             return norm_silu(shared, self.dynhid[1], self.blocks, own, self.dynhid[0].bias)
         h = self.dynhid[1:](self.dynhid_first(deter, x, weights))
         return h.reshape(-1, self.blocks, self.deter // self.blocks).transpose(0, 1).contiguous() if grouped else h
@@ -124,21 +126,26 @@ class RSSM(nn.Module):
         return own.transpose(0, 1).reshape(*deter.shape[:-1], -1) + shared + self.dynhid[0].bias.to(own.dtype)
 
     def dynhid_parts(self, deter: torch.Tensor, x: torch.Tensor,
-                     weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     grouped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``dynhid_first`` before its sum: the blockwise part as the bmm leaves it ``[G, N, D/G]`` and
-        ``x @ W_shared`` ``[N, D]`` (no bias)."""
+        ``x @ W_shared`` ``[N, D]`` (no bias). ``grouped``: deter laid out ``[G, N, D/G]`` already."""
         own_w, shared_w = weights if weights is not None else self.dynhid_weights()
         g, dg = self.blocks, self.deter // self.blocks
-        own = torch.bmm(deter.reshape(-1, g, dg).transpose(0, 1).contiguous(), own_w)  # [G, N, D/G]
+        if grouped is None:
+            grouped = deter.reshape(-1, g, dg).transpose(0, 1).contiguous()
+        own = torch.bmm(grouped, own_w)  # [G, N, D/G]
         return own, x @ shared_w
 
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
              index: torch.Tensor | None = None, table: torch.Tensor | None = None,
-             action_in: torch.Tensor | None = None) -> torch.Tensor:
+             action_in: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
+             copies: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]`` (``action_in``:
-        ``action_input(action)`` known already, e.g. rows of ``action_table``)."""
+        ``action_input(action)`` known already, e.g. rows of ``action_table``; ``low``/``copies``: see
+        ``img_step_low``)."""
         return self.gru_step(deter, stoch, self.action_input(action) if action_in is None else action_in, index,
-                             table=table)
+                             table=table, low=low, copies=copies)
 
     def action_table(self, actions: int) -> torch.Tensor:
         """``action_input`` of each one-hot action ``[A, H]``: the GRU's action input of a one-hot action is row
@@ -167,9 +174,26 @@ class RSSM(nn.Module):
         the classes of the new ``stoch`` sample (the given ``index`` and ``table``: see ``gru_input``;
         ``action_in``: see ``core``)."""
         deter = self.core(deter, stoch, action, index, table, action_in)
+        return (deter, *self.prior_draw(deter, noise))
+
+    def img_step_low(self, deter: torch.Tensor, low: tuple[torch.Tensor, torch.Tensor], stoch: torch.Tensor,
+                     action: torch.Tensor, noise: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                     table: torch.Tensor | None = None, action_in: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+        """``img_step`` carrying ``low``: deter in the matmuls' (autocast) dtype as they read it, ``[N, D]`` and
+        ``[G, N, D/G]``; returns ``(deter, low, stoch, prior_logits, index)`` with the new deter's, which the gate
+        kernel writes as it rounds (no-grad bf16 rollouts: one pass, where casts wrote four copies per step)."""
+        deter, rows, grouped = self.core(deter, stoch, action, index, table, action_in, low, copies=True)
+        return (deter, (rows, grouped), *self.prior_draw(deter, noise, rows))
+
+    def prior_draw(self, deter: torch.Tensor, noise: torch.Tensor | None = None, features_in: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A draw from the prior of ``deter [N, D]`` (read as ``features_in`` where given, e.g. its bf16 copy):
+        ``(stoch, prior_logits, index [N, S])``."""
         # The head's matmul without its bias: the draw adds it (an addmm copied it into all N rows on one thread).
         head = self.prior_net.head
-        unbiased = F.linear(self.prior_net.features(deter), head.weight)
+        unbiased = F.linear(self.prior_net.features(deter if features_in is None else features_in), head.weight)
         raw = (unbiased + head.bias).reshape(*deter.shape[:-1], self.stoch, self.classes)
         probs = unimix_probs(raw, self.unimix)
         if noise is None:
@@ -179,7 +203,7 @@ class RSSM(nn.Module):
         else:  # no gradient to pass on: draw from the logits in one pass (a compiled rollout drops ``probs``)
             index = unimix_index(unbiased.reshape(raw.shape), noise, self.unimix, head.bias)
             stoch = onehot(index, self.classes, probs.dtype)
-        return deter, stoch, probs.log(), index
+        return stoch, probs.log(), index
 
     def obs_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, embed: torch.Tensor,
                  is_first: torch.Tensor, noise: torch.Tensor | None = None

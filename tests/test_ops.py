@@ -68,6 +68,7 @@ np.savez(sys.argv[1], avx=_ops.avx512_bf16, norm=as_f32(_ops.norm_silu(x, w, b, 
          grouped=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2, 8)),
          gather=as_f32(_ops.gather_norm_silu(x, table, rows, w, b, 1e-3, True, 2)),
          gate=_ops.gru_gate(y, gate_bias, deter, True, 2),
+         gate_copy=as_f32(_ops.gru_gate(y, gate_bias, deter, True, 2, True)[2]),
          draw=_ops.unimix_index(prior, u, 0.01, True, 2, prior_bias),
          draw_k24=_ops.unimix_index(np.ascontiguousarray(prior[:, :24]), u, 0.01, True, 2))  # a masked dword block
 """
@@ -96,6 +97,8 @@ def test_avx512_bf16_paths_equal_the_portable_clones(tmp_path):
         np.testing.assert_allclose(out["fast"][key], out["portable"][key], rtol=2**-7, atol=2**-7, err_msg=key)
         assert float(np.mean(out["fast"][key] != out["portable"][key])) < 0.02, key  # mostly the same rounding
     np.testing.assert_allclose(out["fast"]["gate"], out["portable"]["gate"], rtol=1e-4, atol=1e-4)
+    # the copies: a bf16 rounding of deters that agree to 1e-4
+    np.testing.assert_allclose(out["fast"]["gate_copy"], out["portable"]["gate_copy"], rtol=2**-7, atol=1e-4)
     for key in ("draw", "draw_k24"):  # the two exp polynomials (~2e-7) move at most a draw at a CDF step
         assert int((out["fast"][key] != out["portable"][key]).sum()) <= 2, key
         assert len(np.unique(out["fast"][key])) > 20
@@ -446,3 +449,31 @@ def test_twohot_decode_kernel_refuses_bad_input():
         _ops.twohot_decode(logits, bins, bias=np.zeros(7, np.float32))
     with pytest.raises(TypeError, match="bias dtype float64"):
         _ops.twohot_decode(logits, bins, bias=np.zeros(255))
+
+
+@pytest.mark.parametrize(("groups", "dg"), [(8, 32), (4, 7)])
+def test_gru_gate_copies_are_the_new_deter_rounded_in_both_layouts(groups, dg):
+    """``copies=True``: the kernel also writes the new deter rounded to bf16, ``[N, D]`` and ``[G, N, D/G]``, the
+    same values as casting its float32 result (16-lane path at D/G = 32, scalar tail at 7); with a gradient the
+    torch maths give the same three tensors."""
+    import numpy as np
+
+    from fastdream import _ops
+    from fastdream.nets import gru_gate_grouped
+
+    torch.manual_seed(0)
+    n = 37
+    y = (torch.randn(groups, n, 3 * dg) * 2).bfloat16()
+    bias, deter = torch.randn(3 * groups * dg) * 0.3, torch.randn(n, groups * dg)
+    with torch.no_grad():
+        plain = gru_gate_grouped(y, bias, deter)
+        out, rows, grouped = gru_gate_grouped(y, bias, deter, copies=True)
+    assert torch.equal(out, plain) and rows.dtype == grouped.dtype == torch.bfloat16
+    assert torch.equal(rows, out.bfloat16()) and grouped.is_contiguous()
+    assert torch.equal(grouped, rows.reshape(n, groups, dg).transpose(0, 1))
+    ref = gru_gate_grouped(y.float().requires_grad_(), bias, deter, copies=True)
+    torch.testing.assert_close(ref[0].detach(), out, rtol=1e-4, atol=1e-4)
+    assert ref[2].shape == (groups, n, dg) and ref[1].shape == (n, groups * dg)
+    with pytest.raises(ValueError, match="copies=True needs bfloat16 y"):
+        _ops.gru_gate(y.float().numpy(), bias.numpy(), deter.numpy(), False, 1, True)
+    assert isinstance(_ops.gru_gate(y.float().numpy(), bias.numpy(), deter.numpy(), False, 1), np.ndarray)
