@@ -97,7 +97,7 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
     (``RSSM.img_step_low``), where inductor's casts wrote one per consumer, and the output has half the bytes.
     ``tables``: ``_gather_tables`` built already."""
     rssm = world_model.rssm
-    index = stoch.argmax(-1)
+    index = class_index(stoch) if onehot else stoch.argmax(-1)
     deters, stochs, actions, indices = [deter], [stoch], [], [index]
     action_table = low = None
     if onehot:
@@ -129,6 +129,14 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
         indices.append(index)
     stoch_seq = None if onehot else torch.stack(stochs, 1)
     return torch.stack(deters, 1), stoch_seq, torch.stack(actions, 1), torch.stack(indices, 1)
+
+
+def class_index(stoch: torch.Tensor) -> torch.Tensor:
+    """The classes ``[..., S]`` of one-hot (or all-zero) rows ``stoch [..., S, K]``: ``Σ_k k·stoch_k`` rounded, which
+    is their argmax (0 for a zero row, as argmax's first maximum; a straight-through sample's 1 may be off by an ulp).
+    One fused pass: a compiled argmax over K = 32 took 1.9 ms for an N=4096 start batch [4096, 32, 32], this 0.2 ms."""
+    k = torch.arange(stoch.shape[-1], dtype=torch.float32, device=stoch.device)
+    return (stoch.float() * k).sum(-1).round().long()
 
 
 def _feat_from_index(deter: torch.Tensor, index: torch.Tensor, classes: int) -> torch.Tensor:

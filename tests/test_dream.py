@@ -201,3 +201,19 @@ def test_action_table_rows_are_the_gru_action_inputs(bf16):
         want = wm.rssm.action_input(torch.nn.functional.one_hot(actions, 5).float())
     assert table.shape == (5, 32) and table.dtype == want.dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert torch.equal(table[actions], want) and table.std() > 0.1
+
+
+def test_class_index_is_the_argmax_of_one_hot_and_zero_rows():
+    from fastdream.dream import class_index
+
+    torch.manual_seed(0)
+    index = torch.randint(0, 32, (37, 8))
+    stoch = torch.nn.functional.one_hot(index, 32).float()
+    stoch[3, 2] = 0.0  # a zero row (the initial state): class 0, as argmax gives
+    want = stoch.argmax(-1)
+    assert want[3, 2] == 0 and torch.equal(class_index(stoch), want)
+    assert torch.equal(class_index(stoch.bfloat16()), want) and class_index(stoch).dtype == torch.int64
+    # A straight-through sample (one_hot + p - p) may hold 1 ± an ulp: still its class.
+    probs = torch.rand(37, 8, 32).softmax(-1)
+    st = (torch.nn.functional.one_hot(index, 32).float() + probs) - probs
+    assert not bool((st[st > 0.5] == 1.0).all()) and torch.equal(class_index(st), index)
