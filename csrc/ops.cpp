@@ -420,6 +420,19 @@ __attribute__((always_inline)) inline const int64_t* checked_indices(const int64
   return idx;
 }
 
+// The start of gather_norm_silu's row m (both paths): row m + kPrefetchRows's indices and dense part asked for,
+// row m's table rows checked (checked_indices).
+template <typename T>
+__attribute__((always_inline)) inline const int64_t* gather_row(const T* dense, const int64_t* rows, int64_t m,
+                                                                int64_t row1, int64_t s_count, int64_t r_count,
+                                                                int64_t c_count, int64_t classes, int64_t* buf) {
+  if (m + kPrefetchRows < row1) {
+    prefetch(rows + (m + kPrefetchRows) * s_count, s_count);
+    if (dense) prefetch(dense + (m + kPrefetchRows) * c_count, c_count);
+  }
+  return checked_indices(rows + m * s_count, s_count, r_count, classes, buf);
+}
+
 #ifdef FASTDREAM_BF16_DOT
 // ---------------------------------------------------------------- AVX512_BF16 paths
 // For bfloat16 rows with C a multiple of 32 where the CPU has AVX512_BF16 (checked at run time; elsewhere
@@ -573,11 +586,7 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
   std::vector<int64_t> abs_rows(static_cast<size_t>(s_count));
   constexpr int64_t kBlock = 8 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
-    if (m + kPrefetchRows < row1) {
-      prefetch(rows + (m + kPrefetchRows) * s_count, s_count);
-      if (dense) prefetch(dense + (m + kPrefetchRows) * c_count, c_count);
-    }
-    const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count, classes, abs_rows.data());
+    const int64_t* idx = gather_row(dense, rows, m, row1, s_count, r_count, c_count, classes, abs_rows.data());
     if (!idx) return false;
     const uint16_t* dense_row = dense ? dense + m * c_count : nullptr;
     int64_t c = 0;
@@ -633,15 +642,14 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 exp_nonpositive(
 FASTDREAM_BF16_DOT
 void unimix_index_tiles_bf16_avx512(const uint16_t* logits, const float* noise, int64_t* out, int64_t tile0,
                                     int64_t tile1, int64_t k_count, float unimix, const float* bias_t, int64_t period) {
-  const int64_t dwords = k_count / 2, slots = period / std::gcd<int64_t>(period, kLanes);
+  const int64_t dwords = k_count / 2, g = std::gcd<int64_t>(period, kLanes);  // transposed_bias's slot = phase / g
   std::vector<float> buf(static_cast<size_t>(k_count * kLanes));
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     const int64_t row0 = tile * kLanes;
     const uint16_t* src = logits + row0 * k_count;
     if (tile + kPrefetchRows < tile1) prefetch(src + kPrefetchRows * kLanes * k_count, kLanes * k_count);
-    const float* bt = bias_t ? bias_t + (row0 % period / std::gcd<int64_t>(period, kLanes)) % slots * k_count * kLanes
-                             : nullptr;
+    const float* bt = bias_t ? bias_t + row0 % period / g * k_count * kLanes : nullptr;
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t d0 = 0; d0 < dwords; d0 += kLanes) {
       const int64_t nd = std::min<int64_t>(kLanes, dwords - d0);
@@ -875,11 +883,7 @@ __attribute__((always_inline)) inline bool gather_norm_silu_rows(const T* dense,
   std::vector<int64_t> abs_rows(static_cast<size_t>(s_count));
   constexpr int64_t kBlock = 16 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
-    if (m + kPrefetchRows < row1) {
-      prefetch(rows + (m + kPrefetchRows) * s_count, s_count);
-      if (dense) prefetch(dense + (m + kPrefetchRows) * c_count, c_count);
-    }
-    const int64_t* idx = checked_indices(rows + m * s_count, s_count, r_count, classes, abs_rows.data());
+    const int64_t* idx = gather_row(dense, rows, m, row1, s_count, r_count, c_count, classes, abs_rows.data());
     if (!idx) return false;
     const T* dense_row = dense ? dense + m * c_count : nullptr;
     int64_t c = 0;
