@@ -153,14 +153,16 @@ class Behavior(nn.Module):
         critic_logp = runtime.compiled(self.critic, "logp", self.critic.logp) if compiled else self.critic.logp
         slow_value = (runtime.compiled(self.slow_critic, "value", self.slow_critic.value) if compiled
                       else self.slow_critic.value)
-        feat = traj["feat"]
+        # The critics read the states time-major ([H+1, N, ·], their outputs transposed back): the order in
+        # which dream.imagine's sequences are contiguous, so no window of them is copied.
+        feat = traj["feat"].transpose(0, 1)
         index = traj.get("index")
         H = traj["action"].shape[1]
-        hot_all = None if index is None else (index, traj["classes"])
-        hot = None if index is None else (index[:, :H], traj["classes"])
+        hot_all = None if index is None else (index.transpose(0, 1), traj["classes"])
+        hot = None if index is None else (hot_all[0][:H], traj["classes"])
         # One critic pass and log_softmax over all H+1 states serves the values and (discrete) both
         # critic losses, forward and backward.
-        logp_all = critic_logp(feat if not self.discrete else feat.detach(), hot_all)  # [N, H+1, K]
+        logp_all = critic_logp(feat if not self.discrete else feat.detach(), hot_all).transpose(0, 1)  # [N, H+1, K]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.discrete):
             value = twohot_decode_logp(logp_all, self.critic.bins)  # discrete: only read detached
         ret = lambda_return(traj["reward"], traj["cont"], value if not self.discrete else value.detach(),
@@ -180,9 +182,9 @@ class Behavior(nn.Module):
             actor_obj = (ret - base) / scale
         actor_loss = -(weight * (actor_obj + self.entropy_scale * ent)).mean()
         with torch.no_grad():
-            slow = slow_value(feat[:, :H].detach(), hot)
+            slow = slow_value(feat[:H].detach(), hot).transpose(0, 1)
         # Continuous: the values above carry the actor's gradient, so the critic loss reads its own pass.
-        logp = logp_all[:, :H] if self.discrete else critic_logp(feat[:, :H].detach(), hot)
+        logp = logp_all[:, :H] if self.discrete else critic_logp(feat[:H].detach(), hot).transpose(0, 1)
         critic_nll = twohot_nll(logp, ret.detach(), self.critic.bins)
         slow_nll = twohot_nll(logp, slow, self.critic.bins)
         critic_loss = (weight * (critic_nll + self.slow_reg * slow_nll)).mean()

@@ -127,8 +127,16 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
         stochs.append(stoch)
         actions.append(action)
         indices.append(index)
-    stoch_seq = None if onehot else torch.stack(stochs, 1)
-    return torch.stack(deters, 1), stoch_seq, torch.stack(actions, 1), torch.stack(indices, 1)
+    # Time-major stacks: each step writes one contiguous block, and a window of H states is contiguous.
+    stoch_seq = None if onehot else _batch_major(torch.stack(stochs))
+    return (_batch_major(torch.stack(deters)), stoch_seq, _batch_major(torch.stack(actions)),
+            _batch_major(torch.stack(indices)))
+
+
+def _batch_major(x: torch.Tensor) -> torch.Tensor:
+    """A time-major ``[T, N, ...]`` sequence as ``[N, T, ...]``: a view (``.transpose(0, 1)`` gives the contiguous
+    original back)."""
+    return x.transpose(0, 1)
 
 
 def class_index(stoch: torch.Tensor) -> torch.Tensor:
@@ -140,9 +148,11 @@ def class_index(stoch: torch.Tensor) -> torch.Tensor:
 
 
 def _feat_from_index(deter: torch.Tensor, index: torch.Tensor, classes: int) -> torch.Tensor:
-    """``[deter, one_hot(index)]`` → ``[..., D + S·K]`` written in place (no separate one-hot and cat)."""
+    """``[deter, one_hot(index)]`` → ``[N, T, D + S·K]`` written in place (no separate one-hot and cat), time-major
+    underneath as the rollout's sequences (``_batch_major``)."""
     d = deter.shape[-1]
-    feat = torch.zeros(*deter.shape[:-1], d + index.shape[-1] * classes, dtype=deter.dtype, device=deter.device)
+    n, t = deter.shape[:2]
+    feat = _batch_major(torch.zeros(t, n, d + index.shape[-1] * classes, dtype=deter.dtype, device=deter.device))
     feat[..., :d] = deter
     feat[..., d:].unflatten(-1, (index.shape[-1], classes)).scatter_(-1, index.unsqueeze(-1), 1.0)
     return feat
@@ -204,10 +214,10 @@ def _compiled(world_model: WorldModel, actor: Actor, onehot: bool) -> Callable:
 
 
 def _window(x: torch.Tensor, start: int) -> torch.Tensor:
-    """The H states of ``x [N, H+1, ·]`` from ``start`` (0: s_0..s_{H-1}, 1: s_1..s_H), as a matmul reads
-    them: a bf16 sequence (a gathered rollout's) is copied contiguous here, inside the compiled graph
-    (a strided ``[N, H, D]`` matmul input became a batched matmul; an eager copy ran on one thread)."""
-    x = x[:, start: start + x.shape[1] - 1]
+    """The H states of ``x [N, H+1, ·]`` from ``start`` (0: s_0..s_{H-1}, 1: s_1..s_H), time-major ``[H, N, ·]``
+    as a matmul reads them: a view of a rollout's time-major sequences (``_batch_major``), which are contiguous
+    in that order; any other bf16 sequence is copied contiguous (a strided matmul input became a batched matmul)."""
+    x = x.transpose(0, 1)[start: start + x.shape[1] - 1]
     return x.contiguous() if x.dtype != torch.float32 else x
 
 
@@ -215,10 +225,10 @@ def _heads(world_model: WorldModel, feat: torch.Tensor, index: torch.Tensor | No
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward and continue predicted at the dreamed states s_1..s_H of ``feat [N, H+1, ·]`` (``index``: the
     classes of all H+1)."""
-    # One contiguous copy of the classes' window for both heads (each gather had made its own: 15.7 MB at N=4096).
-    hot = None if index is None else (index[:, 1:].contiguous(), world_model.rssm.classes)
+    # The classes' window, once for both heads (a view of a rollout's time-major index).
+    hot = None if index is None else (_window(index, 1), world_model.rssm.classes)
     nxt = autocast_input(_window(feat, 1))  # one cast for both heads
-    return world_model.reward(nxt, hot), world_model.cont(nxt, hot)
+    return _batch_major(world_model.reward(nxt, hot)), _batch_major(world_model.cont(nxt, hot))
 
 
 def _compiled_heads(world_model: WorldModel) -> Callable:
@@ -229,8 +239,10 @@ def _compiled_heads(world_model: WorldModel) -> Callable:
 
 def _policy_terms(policy: Actor, feat: torch.Tensor, action: torch.Tensor, index: torch.Tensor | None,
                   classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``policy.log_prob`` of the actions taken at s_0..s_{H-1} of ``feat [N, H+1, ·]``."""
-    return policy.log_prob(_window(feat, 0), action, None if index is None else (index[:, :-1], classes))
+    """``policy.log_prob`` of the actions taken at s_0..s_{H-1} of ``feat [N, H+1, ·]``, each ``[N, H]``."""
+    hot = None if index is None else (_window(index, 0), classes)
+    logprob, entropy = policy.log_prob(_window(feat, 0), action.transpose(0, 1), hot)
+    return _batch_major(logprob), _batch_major(entropy)
 
 
 def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch, noise_action, onehot: bool):
@@ -321,8 +333,8 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
         feat = deter_seq
     elif stoch_seq is None:
         feat = _feat_from_index(deter_seq, index, k)
-    else:
-        feat = world_model.rssm.feat(deter_seq, stoch_seq)
+    else:  # time-major underneath, as the sequences
+        feat = _batch_major(world_model.rssm.feat(deter_seq.transpose(0, 1), stoch_seq.transpose(0, 1)))
     if augment is not None:
         feat, index = augment(feat), None  # an augmentation may leave the one-hot layout
     if engine == "compile":
