@@ -18,6 +18,7 @@ from fastdream.nets import (
     twohot_nll,
     unimix_index,
     unimix_logits,
+    unimix_probs,
 )
 
 # ---------------------------------------------------------------- pure maths
@@ -93,9 +94,19 @@ class Actor(nn.Module):
     def log_prob(self, feat: torch.Tensor, action: torch.Tensor, hot: Hot | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log π(action), entropy)`` for stored-form actions ``[..., A]``."""
-        d = self.dist(feat, hot)
         if self.discrete:
-            return d.log_prob(action.argmax(-1)), d.entropy()
+            # Σ_a action_a log p_a of the one-hot action and -Σ_a p_a log p_a, in float32 from the unimix
+            # probabilities: torch.distributions renormalised them and found the action by an argmax (at
+            # [15, 4096, 4] compiled 2.0 ms, in bfloat16 under autocast; this 0.5 ms).
+            x = self.net(feat, hot).float()
+            if self.unimix > 0:
+                probs = unimix_probs(x, self.unimix)
+                logp = probs.log()
+            else:
+                logp = x.log_softmax(-1)
+                probs = logp.exp()
+            return (logp * action).sum(-1), -(probs * logp).sum(-1)
+        d = self.dist(feat, hot)
         return d.log_prob(action), d.entropy()
 
 

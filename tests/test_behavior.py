@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from fastdream.behavior import lambda_return, return_norm_update, return_scale, return_weights
+from fastdream.behavior import Actor, lambda_return, return_norm_update, return_scale, return_weights
 from fastdream.world_model import kl_losses
 
 
@@ -63,3 +64,18 @@ def test_free_bits_kl_balance():
     dyn.sum().backward()
     assert post.grad is None or post.grad.abs().sum() == 0
     assert prior.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("unimix", [0.01, 0.0])
+def test_discrete_log_prob_and_entropy_match_the_categorical(unimix):
+    torch.manual_seed(0)
+    actor = Actor(12, 5, True, units=16, layers=1, unimix=unimix)
+    feat = torch.randn(7, 3, 12) * 4  # large logits: unimix matters
+    action = torch.nn.functional.one_hot(torch.randint(0, 5, (7, 3)), 5).float()
+    logp, ent = actor.log_prob(feat, action)
+    d = actor.dist(feat)
+    torch.testing.assert_close(logp, d.log_prob(action.argmax(-1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, d.entropy(), rtol=1e-5, atol=1e-5)
+    assert logp.shape == ent.shape == (7, 3) and bool((logp < 0).all()) and bool((ent > 0).all())
+    logp.sum().backward()  # the REINFORCE gradient reaches the actor
+    assert actor.net.head.weight.grad.abs().sum() > 0
