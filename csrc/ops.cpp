@@ -101,6 +101,24 @@ void check_floats(const py::array& a, bool bfloat16, const char* op, const char*
                          (bfloat16 ? ", expected 16-bit words holding bfloat16" : ", expected float32"));
 }
 
+// The output array given as `out` (or a new [M, C] one): [M, C] of the op's dtype, writable, its columns
+// contiguous and its rows ld >= C elements apart (a column slice of a wider array: several ops write the parts
+// of one concatenation in place). Returns ld.
+int64_t checked_out(const py::array& out, bool bfloat16, int64_t m_count, int64_t c_count, const char* op) {
+  check_floats(out, bfloat16, op, "out");
+  const int64_t item = static_cast<int64_t>(out.itemsize());
+  if (out.ndim() != 2 || out.shape(0) != m_count || out.shape(1) != c_count)
+    throw py::value_error(std::string(op) + ": out " + shape_of(out) + " must be [" + std::to_string(m_count) + ", " +
+                          std::to_string(c_count) + "]");
+  if (!out.writeable()) throw py::value_error(std::string(op) + ": out is read-only");
+  if ((c_count > 1 && out.strides(1) != item) || out.strides(0) % item != 0 ||
+      (m_count > 1 && out.strides(0) / item < c_count))
+    throw py::value_error(std::string(op) + ": out's columns must be contiguous and its rows at least C = " +
+                          std::to_string(c_count) + " elements apart, got strides (" + std::to_string(out.strides(0)) +
+                          ", " + std::to_string(out.strides(1)) + ") bytes");
+  return m_count > 1 ? out.strides(0) / item : c_count;
+}
+
 // Checks a float32 vector of n elements.
 void check_vector(const py::array& a, int64_t n, const char* op, const char* name) {
   if (!a.dtype().is(py::dtype::of<float>()))
@@ -333,11 +351,12 @@ __attribute__((always_inline)) inline void norm_silu_row(const float* __restrict
   }
 }
 
-// Row m's output goes straight into out [M, C], or with groups > 1 through tmp [C] into out [G, M, C/G]
-// (group g of every row contiguous: the layout a block matmul's bmm reads, so no transposed copy follows).
+// Row m's output goes straight into out [M, C] (rows ld apart: out may be a column slice of a wider array), or
+// with groups > 1 through tmp [C] into out [G, M, C/G] (group g of every row contiguous: the layout a block
+// matmul's bmm reads, so no transposed copy follows).
 template <typename T>
-__attribute__((always_inline)) inline T* row_out(T* out, T* tmp, int64_t m, int64_t c_count, int64_t groups) {
-  return groups > 1 ? tmp : out + m * c_count;
+__attribute__((always_inline)) inline T* row_out(T* out, T* tmp, int64_t m, int64_t ld, int64_t groups) {
+  return groups > 1 ? tmp : out + m * ld;
 }
 template <typename T>
 __attribute__((always_inline)) inline void scatter_groups(const T* tmp, T* out, int64_t m, int64_t m_count,
@@ -507,7 +526,7 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void norm_silu_row_bf16
 FASTDREAM_BF16_DOT
 void norm_silu_rows_bf16_avx512(const uint16_t* x, const float* w, const float* b, uint16_t* out, int64_t row0,
                                 int64_t row1, int64_t m_count, int64_t c_count, int64_t groups, float eps,
-                                const Addend<uint16_t>& addend) {
+                                const Addend<uint16_t>& addend, int64_t ld) {
   std::vector<float> buf(static_cast<size_t>(c_count));
   std::vector<uint16_t> tmp(static_cast<size_t>(c_count));
   for (int64_t m = row0; m < row1; ++m) {
@@ -515,7 +534,7 @@ void norm_silu_rows_bf16_avx512(const uint16_t* x, const float* w, const float* 
     if (m + kPrefetchRows < row1) prefetch_rows(x, addend, m + kPrefetchRows, m_count, c_count);
     for (int64_t c = 0; c < c_count; c += kLanes) _mm512_storeu_ps(buf.data() + c, load_bf16(row + c));
     add_into(buf.data(), addend, m, m_count, c_count);
-    norm_silu_row_bf16(buf.data(), w, b, row_out(out, tmp.data(), m, c_count, groups), c_count, eps);
+    norm_silu_row_bf16(buf.data(), w, b, row_out(out, tmp.data(), m, ld, groups), c_count, eps);
     scatter_groups(tmp.data(), out, m, m_count, c_count, groups);
   }
 }
@@ -581,7 +600,7 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void dot_block(const ui
 FASTDREAM_BF16_DOT
 bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table, const int64_t* rows, const float* w,
                                     const float* b, uint16_t* out, int64_t row0, int64_t row1, int64_t s_count,
-                                    int64_t r_count, int64_t c_count, float eps, int64_t classes) {
+                                    int64_t r_count, int64_t c_count, float eps, int64_t classes, int64_t ld) {
   std::vector<float> buf(static_cast<size_t>(c_count));
   std::vector<int64_t> abs_rows(static_cast<size_t>(s_count));
   constexpr int64_t kBlock = 8 * kLanes;
@@ -594,7 +613,7 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
       dot_block<4>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
     for (; c < c_count; c += 2 * kLanes)
       dot_block<1>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
-    norm_silu_row_bf16(buf.data(), w, b, out + m * c_count, c_count, eps);
+    norm_silu_row_bf16(buf.data(), w, b, out + m * ld, c_count, eps);
   }
   return true;
 }
@@ -730,9 +749,9 @@ void unimix_index_tiles_bf16_avx512(const uint16_t*, const float*, int64_t*, int
 void gru_gate_rows_bf16_avx512(const uint16_t*, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t,
                                int64_t, const GateCopies&) {}
 void norm_silu_rows_bf16_avx512(const uint16_t*, const float*, const float*, uint16_t*, int64_t, int64_t, int64_t,
-                                int64_t, int64_t, float, const Addend<uint16_t>&) {}
+                                int64_t, int64_t, float, const Addend<uint16_t>&, int64_t) {}
 bool gather_norm_silu_rows_bf16_dot(const uint16_t*, const uint16_t*, const int64_t*, const float*, const float*,
-                                    uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t) {
+                                    uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, float, int64_t, int64_t) {
   return false;
 }
 #endif
@@ -742,7 +761,8 @@ template <typename T>
 __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ x, const float* __restrict__ weight,
                                                           const float* __restrict__ bias, T* __restrict__ out,
                                                           int64_t row0, int64_t row1, int64_t m_count, int64_t c_count,
-                                                          int64_t groups, float eps, const Addend<T>& addend) {
+                                                          int64_t groups, float eps, const Addend<T>& addend,
+                                                          int64_t ld) {
   std::vector<float> buf(static_cast<size_t>(c_count));
   std::vector<T> tmp(static_cast<size_t>(c_count));
   for (int64_t m = row0; m < row1; ++m) {
@@ -752,22 +772,23 @@ __attribute__((always_inline)) inline void norm_silu_rows(const T* __restrict__ 
     for (; c + kLanes <= c_count; c += kLanes) store_lanes(buf.data() + c, load_row(row + c));
     for (; c < c_count; ++c) buf[c] = load_float(row, c);
     add_into(buf.data(), addend, m, m_count, c_count);
-    norm_silu_row(buf.data(), weight, bias, row_out(out, tmp.data(), m, c_count, groups), c_count, eps);
+    norm_silu_row(buf.data(), weight, bias, row_out(out, tmp.data(), m, ld, groups), c_count, eps);
     scatter_groups(tmp.data(), out, m, m_count, c_count, groups);
   }
 }
 
 FASTDREAM_CLONES
 void norm_silu_rows_f32(const float* x, const float* w, const float* b, float* out, int64_t row0, int64_t row1,
-                        int64_t m_count, int64_t c_count, int64_t groups, float eps, const Addend<float>& addend) {
-  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps, addend);
+                        int64_t m_count, int64_t c_count, int64_t groups, float eps, const Addend<float>& addend,
+                        int64_t ld) {
+  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps, addend, ld);
 }
 
 FASTDREAM_CLONES
 void norm_silu_rows_bf16(const uint16_t* x, const float* w, const float* b, uint16_t* out, int64_t row0,
                          int64_t row1, int64_t m_count, int64_t c_count, int64_t groups, float eps,
-                         const Addend<uint16_t>& addend) {
-  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps, addend);
+                         const Addend<uint16_t>& addend, int64_t ld) {
+  norm_silu_rows(x, w, b, out, row0, row1, m_count, c_count, groups, eps, addend, ld);
 }
 
 // Rows of work per thread: all rows to one thread below ~64k elements.
@@ -777,7 +798,7 @@ int threads_for(int threads, int64_t rows, int64_t elements) {
 
 py::array norm_silu(const py::array& x, const py::array& weight, const py::array& bias, double eps, bool bfloat16,
                     int threads, int64_t groups, const std::optional<py::array>& add,
-                    const std::optional<py::array>& add_bias) {
+                    const std::optional<py::array>& add_bias, const std::optional<py::array>& out_arg) {
   check_floats(x, bfloat16, "norm_silu", "x");
   if (x.ndim() != 2 || x.shape(1) < 1 || !(x.flags() & py::array::c_style))
     throw py::value_error("norm_silu: x " + shape_of(x) + " must be a C-contiguous [M, C] with C >= 1");
@@ -801,8 +822,11 @@ py::array norm_silu(const py::array& x, const py::array& weight, const py::array
   const auto* add_b = add_bias ? static_cast<const float*>(add_bias->data()) : nullptr;
   const Addend<float> addend_f32{static_cast<const float*>(add_data), add_groups, add_b};
   const Addend<uint16_t> addend_bf16{static_cast<const uint16_t*>(add_data), add_groups, add_b};
-  py::array out = groups > 1 ? py::array(x.dtype(), {groups, m_count, c_count / groups})
-                             : py::array(x.dtype(), {m_count, c_count});
+  if (out_arg && groups > 1) throw py::value_error("norm_silu: out is for groups = 1, got groups " + std::to_string(groups));
+  const int64_t ld = out_arg ? checked_out(*out_arg, bfloat16, m_count, c_count, "norm_silu") : c_count;
+  py::array out = out_arg ? *out_arg
+                  : groups > 1 ? py::array(x.dtype(), {groups, m_count, c_count / groups})
+                               : py::array(x.dtype(), {m_count, c_count});
   const auto* w = static_cast<const float*>(weight.data());
   const auto* b = static_cast<const float*>(bias.data());
   const void* src = x.data();
@@ -817,13 +841,13 @@ py::array norm_silu(const py::array& x, const py::array& weight, const py::array
       const int64_t r0 = m_count * t / n, r1 = m_count * (t + 1) / n;
       if (bfloat16 && fast)
         norm_silu_rows_bf16_avx512(static_cast<const uint16_t*>(src), w, b, static_cast<uint16_t*>(dst), r0, r1,
-                                   m_count, c_count, groups, e, addend_bf16);
+                                   m_count, c_count, groups, e, addend_bf16, ld);
       else if (bfloat16)
         norm_silu_rows_bf16(static_cast<const uint16_t*>(src), w, b, static_cast<uint16_t*>(dst), r0, r1, m_count,
-                            c_count, groups, e, addend_bf16);
+                            c_count, groups, e, addend_bf16, ld);
       else
         norm_silu_rows_f32(static_cast<const float*>(src), w, b, static_cast<float*>(dst), r0, r1, m_count, c_count,
-                           groups, e, addend_f32);
+                           groups, e, addend_f32, ld);
     }
   }
   return out;
@@ -878,7 +902,7 @@ __attribute__((always_inline)) inline bool gather_norm_silu_rows(const T* dense,
                                                                  const float* weight, const float* bias, T* out,
                                                                  int64_t row0, int64_t row1, int64_t s_count,
                                                                  int64_t r_count, int64_t c_count, float eps,
-                                                                 int64_t classes) {
+                                                                 int64_t classes, int64_t ld) {
   std::vector<float> buf(static_cast<size_t>(c_count));
   std::vector<int64_t> abs_rows(static_cast<size_t>(s_count));
   constexpr int64_t kBlock = 16 * kLanes;
@@ -899,7 +923,7 @@ __attribute__((always_inline)) inline bool gather_norm_silu_rows(const T* dense,
         buf[c] = sum;
       }
     }
-    norm_silu_row(buf.data(), weight, bias, out + m * c_count, c_count, eps);
+    norm_silu_row(buf.data(), weight, bias, out + m * ld, c_count, eps);
   }
   return true;
 }
@@ -907,21 +931,21 @@ __attribute__((always_inline)) inline bool gather_norm_silu_rows(const T* dense,
 FASTDREAM_CLONES
 bool gather_norm_silu_rows_f32(const float* dense, const float* table, const int64_t* rows, const float* w,
                                const float* b, float* out, int64_t row0, int64_t row1, int64_t s_count,
-                               int64_t r_count, int64_t c_count, float eps, int64_t classes) {
-  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps, classes);
+                               int64_t r_count, int64_t c_count, float eps, int64_t classes, int64_t ld) {
+  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps, classes, ld);
 }
 
 FASTDREAM_CLONES
 bool gather_norm_silu_rows_bf16(const uint16_t* dense, const uint16_t* table, const int64_t* rows, const float* w,
                                 const float* b, uint16_t* out, int64_t row0, int64_t row1, int64_t s_count,
-                                int64_t r_count, int64_t c_count, float eps, int64_t classes) {
-  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps, classes);
+                                int64_t r_count, int64_t c_count, float eps, int64_t classes, int64_t ld) {
+  return gather_norm_silu_rows(dense, table, rows, w, b, out, row0, row1, s_count, r_count, c_count, eps, classes, ld);
 }
 
 
 py::array gather_norm_silu(const std::optional<py::array>& dense, const py::array& table, const py::array& rows,
                            const py::array& weight, const py::array& bias, double eps, bool bfloat16, int threads,
-                           int64_t classes) {
+                           int64_t classes, const std::optional<py::array>& out_arg) {
   check_floats(table, bfloat16, "gather_norm_silu", "table");
   if (table.ndim() != 2 || table.shape(0) < 1 || table.shape(1) < 1 || !(table.flags() & py::array::c_style))
     throw py::value_error("gather_norm_silu: table " + shape_of(table) + " must be a C-contiguous [R, C] with R, C >= 1");
@@ -944,7 +968,8 @@ py::array gather_norm_silu(const std::optional<py::array>& dense, const py::arra
   check_vector(weight, c_count, "gather_norm_silu", "weight");
   check_vector(bias, c_count, "gather_norm_silu", "bias");
   if (!(eps > 0.0)) throw py::value_error("gather_norm_silu: eps must be > 0, got " + std::to_string(eps));
-  py::array out(table.dtype(), {m_count, c_count});
+  const int64_t ld = out_arg ? checked_out(*out_arg, bfloat16, m_count, c_count, "gather_norm_silu") : c_count;
+  py::array out = out_arg ? *out_arg : py::array(table.dtype(), {m_count, c_count});
   const void* d = dense ? dense->data() : nullptr;
   const void* tab = table.data();
   const auto* r = static_cast<const int64_t*>(rows.data());
@@ -963,14 +988,15 @@ py::array gather_norm_silu(const std::optional<py::array>& dense, const py::arra
       if (bfloat16 && dot)
         ok = ok && gather_norm_silu_rows_bf16_dot(static_cast<const uint16_t*>(d), static_cast<const uint16_t*>(tab),
                                                   r, w, b, static_cast<uint16_t*>(o), r0, r1, s_count, r_count,
-                                                  c_count, e, classes);
+                                                  c_count, e, classes, ld);
       else if (bfloat16)
         ok = ok && gather_norm_silu_rows_bf16(static_cast<const uint16_t*>(d), static_cast<const uint16_t*>(tab), r,
                                               w, b, static_cast<uint16_t*>(o), r0, r1, s_count, r_count, c_count, e,
-                                              classes);
+                                              classes, ld);
       else
         ok = ok && gather_norm_silu_rows_f32(static_cast<const float*>(d), static_cast<const float*>(tab), r, w, b,
-                                             static_cast<float*>(o), r0, r1, s_count, r_count, c_count, e, classes);
+                                             static_cast<float*>(o), r0, r1, s_count, r_count, c_count, e, classes,
+                                             ld);
     }
   }
   if (!ok) {
@@ -979,6 +1005,35 @@ py::array gather_norm_silu(const std::optional<py::array>& dense, const py::arra
     throw py::index_error("gather_norm_silu: " + std::string(classes > 0 ? "class" : "row") + " index " +
                           std::to_string(*bad) + " outside [0, " + std::to_string(bound) + ") of table " +
                           shape_of(table));
+  }
+  return out;
+}
+
+// take_rows: out[n] = table[index[n]] for table [A, C] and index [N] int64 (all checked to lie in [0, A) before any
+// row is copied) into out [N, C] (checked_out: e.g. a column slice of the array several ops fill in place).
+py::array take_rows(const py::array& table, const py::array& index, const py::array& out, bool bfloat16, int threads) {
+  check_floats(table, bfloat16, "take_rows", "table");
+  if (table.ndim() != 2 || table.shape(0) < 1 || !(table.flags() & py::array::c_style))
+    throw py::value_error("take_rows: table " + shape_of(table) + " must be a C-contiguous [A, C] with A >= 1");
+  if (!index.dtype().is(py::dtype::of<int64_t>()))
+    throw py::type_error("take_rows: index dtype " + std::string(py::str(index.dtype())) + ", expected int64");
+  if (index.ndim() != 1 || !(index.flags() & py::array::c_style))
+    throw py::value_error("take_rows: index " + shape_of(index) + " must be a contiguous [N]");
+  const int64_t n_count = index.shape(0), a_count = table.shape(0), c_count = table.shape(1);
+  const int64_t ld = checked_out(out, bfloat16, n_count, c_count, "take_rows");
+  const auto* idx = static_cast<const int64_t*>(index.data());
+  const int64_t* bad = std::find_if(idx, idx + n_count, [&](int64_t i) { return i < 0 || i >= a_count; });
+  if (bad != idx + n_count)
+    throw py::index_error("take_rows: index " + std::to_string(*bad) + " outside [0, " + std::to_string(a_count) +
+                          ") of table " + shape_of(table));
+  const auto* src = static_cast<const char*>(table.data());
+  auto* dst = static_cast<char*>(py::array(out).mutable_data());
+  const int64_t row_bytes = c_count * table.itemsize(), ld_bytes = ld * table.itemsize();
+  const int n = threads_for(threads, n_count, n_count * c_count);
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel for num_threads(n) schedule(static)
+    for (int64_t i = 0; i < n_count; ++i) std::memcpy(dst + i * ld_bytes, src + idx[i] * row_bytes, row_bytes);
   }
   return out;
 }
@@ -1179,17 +1234,23 @@ PYBIND11_MODULE(_ops, m) {
         "bias [P * K] float32 or None: row m's logits plus bias row m % P (a head's bias, one row per latent).");
   m.def("norm_silu", &norm_silu, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
         py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("groups") = 1, py::arg("add") = py::none(),
-        py::arg("add_bias") = py::none(),
+        py::arg("add_bias") = py::none(), py::arg("out") = py::none(),
         "[M, C] of x's dtype: silu(layer_norm(x) * weight + bias) per row of x [M, C] (float32, or bfloat16 as\n"
         "16-bit words with bfloat16=True), weight and bias [C] float32; the maths in float32. groups > 1: the\n"
         "result laid out [G, M, C/G] (column block g of every row together), as a block matmul reads it.\n"
-        "add [Ga, M, C/Ga] (x's dtype) and add_bias [C] float32, or None: added to x's rows before the norm.");
+        "add [Ga, M, C/Ga] (x's dtype) and add_bias [C] float32, or None: added to x's rows before the norm.\n"
+        "out: None, or the [M, C] array to write (groups = 1; its rows any stride apart: e.g. a column slice).");
   m.def("gather_norm_silu", &gather_norm_silu, py::arg("dense"), py::arg("table"), py::arg("rows"), py::arg("weight"),
         py::arg("bias"), py::arg("eps"), py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("classes") = 0,
+        py::arg("out") = py::none(),
         "[M, C] of table's dtype: silu(layer_norm(dense[m] + sum_s table[rows[m, s]]) * weight + bias) per row m, for\n"
         "table [R, C] and dense [M, C] or None (float32, or bfloat16 as 16-bit words with bfloat16=True), rows [M, S]\n"
         "int64 in [0, R), weight and bias [C] float32; the maths in float32. classes = K > 0: rows hold each latent's\n"
-        "class in [0, K) and the table row is s * K + rows[m, s] (R = S * K).");
+        "class in [0, K) and the table row is s * K + rows[m, s] (R = S * K). out: as norm_silu's.");
+  m.def("take_rows", &take_rows, py::arg("table"), py::arg("index"), py::arg("out"), py::arg("bfloat16") = false,
+        py::arg("threads") = 1,
+        "out: out[n] = table[index[n]] for table [A, C] (float32, or bfloat16 as 16-bit words with bfloat16=True),\n"
+        "index [N] int64 in [0, A) and out [N, C] of table's dtype, its rows any stride apart (e.g. a column slice).");
   m.def("twohot_decode", &twohot_decode, py::arg("logits"), py::arg("bins"), py::arg("bfloat16") = false,
         py::arg("threads") = 1, py::arg("bias") = py::none(),
         "[M] float32: symexp(sum_k softmax(logits + bias)_k bins_k) per row of logits [M, K] (float32, or bfloat16\n"

@@ -84,12 +84,17 @@ class Actor(nn.Module):
         """Stored-form action from fixed noise, with plain ops (no torch.distributions) so that a
         compiled rollout has no graph break: inverse-CDF one-hot for ``noise [N]`` uniform (discrete),
         ``tanh(mean) + std · noise`` for ``noise [N, A]`` standard normal (continuous)."""
-        x = self.net(feat, hot)
         if self.discrete:
-            return onehot(unimix_index(x, noise, self.unimix), x.shape[-1], noise.dtype)
+            return onehot(self.sample_index_with_noise(feat, noise, hot), self.action_dim, noise.dtype)
+        x = self.net(feat, hot)
         mean, std = x.chunk(2, -1)
         std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
         return torch.tanh(mean) + std * noise
+
+    def sample_index_with_noise(self, feat: torch.Tensor, noise: torch.Tensor, hot: Hot | None = None) -> torch.Tensor:
+        """Discrete: the action classes ``[N]`` that ``sample_with_noise`` marks one-hot (a rollout gathers the GRU's
+        action input by them)."""
+        return unimix_index(self.net(feat, hot), noise, self.unimix)
 
     def log_prob(self, feat: torch.Tensor, action: torch.Tensor, hot: Hot | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:

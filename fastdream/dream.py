@@ -18,6 +18,7 @@ import torch
 from fastdream import runtime
 from fastdream.behavior import Actor
 from fastdream.nets import autocast_input, onehot_table
+from fastdream.nets import onehot as onehot_rows
 from fastdream.rssm import RSSM
 from fastdream.world_model import WorldModel
 
@@ -112,12 +113,15 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
             action_table = None  # another step function computes its own action input
     step = step or RSSM.img_step
     for t in range(noise_stoch.shape[0]):
-        if onehot:
+        kw = {}
+        if action_table is not None:  # a one-hot action's GRU input is a row of the action table
+            picked = actor.sample_index_with_noise(deters[-1], noise_action[t], (index, rssm.classes, actor_table))
+            action = onehot_rows(picked, actor.action_dim, noise_action.dtype)
+            kw["action_in"] = (action_table, picked)
+        elif onehot:
             action = actor.sample_with_noise(deters[-1], noise_action[t], (index, rssm.classes, actor_table))
         else:
             action = actor.sample_with_noise(rssm.feat(deter, stoch), noise_action[t])
-        # A one-hot action's GRU input is a row of the action table.
-        kw = {} if action_table is None else {"action_in": action_table[action.argmax(-1)]}
         if low is not None:
             deter, low, stoch, _, index = rssm.img_step_low(deter, low, stoch, action, noise_stoch[t], index,
                                                              stoch_table, **kw)

@@ -18,6 +18,7 @@ from fastdream.nets import (
     Stack,
     gru_gate_grouped,
     norm_silu,
+    norm_silu_cat,
     onehot,
     onehot_norm_silu,
     onehot_table,
@@ -92,17 +93,26 @@ class RSSM(nn.Module):
                   weights: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = False,
                   table: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> torch.Tensor:
-        """The block GRU's input ``[N, D]`` (dynhid's output) from ``action_in = action_input(action)``.
+        """The block GRU's input ``[N, D]`` (dynhid's output) from ``action_in = action_input(action)``, or from
+        ``action_in = (action_table(A), action classes [N])``, the rows of it.
         ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows
         (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already. ``grouped``: laid out
         ``[G, N, D/G]`` for the block matmul (``nets.norm_silu`` writes it so; no transposed copy). ``table``:
         ``stoch_table()`` built already. ``low``: deter in the matmuls' dtype, ``[N, D]`` and ``[G, N, D/G]``."""
-        if index is not None:
-            stoch_in = onehot_norm_silu(stoch.flatten(-2), self.dynin_stoch[0].weight, self.dynin_stoch[1], index,
-                                        self.classes, table)
+        if isinstance(action_in, tuple) and index is not None and low is not None:
+            # No-grad low-precision rollouts: the three parts written into one array (nets.norm_silu_cat).
+            table = self.stoch_table() if table is None else table
+            x = norm_silu_cat(F.linear(low[0], self.dynin_deter[0].weight), self.dynin_deter[1], table, index,
+                              self.classes, self.dynin_stoch[1], *action_in)
         else:
-            stoch_in = self.dynin_stoch(stoch.flatten(-2))
-        x = torch.cat([self.dynin_deter(deter if low is None else low[0]), stoch_in, action_in], -1)
+            if isinstance(action_in, tuple):
+                action_in = action_in[0][action_in[1]]
+            if index is not None:
+                stoch_in = onehot_norm_silu(stoch.flatten(-2), self.dynin_stoch[0].weight, self.dynin_stoch[1], index,
+                                            self.classes, table)
+            else:
+                stoch_in = self.dynin_stoch(stoch.flatten(-2))
+            x = torch.cat([self.dynin_deter(deter if low is None else low[0]), stoch_in, action_in], -1)
         if grouped and len(self.dynhid) == 3:  # one layer: its Norm and SiLU sum its parts, write the grouped layout
             own, shared = self.dynhid_parts(deter, x, weights, None if low is None else low[1])
             return norm_silu(shared, self.dynhid[1], self.blocks, own, self.dynhid[0].bias)

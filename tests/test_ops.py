@@ -64,13 +64,19 @@ gate_bias, deter = (torch.randn(768) * 0.3).numpy(), torch.randn(300, 256).numpy
 prior = (torch.randn(300 * 32 + 5, 32) * 3).bfloat16().view(torch.int16).numpy()  # a partial last tile
 u, prior_bias = torch.rand(300 * 32 + 5).numpy(), torch.randn(32 * 32).numpy()
 as_f32 = lambda a: torch.from_numpy(a).view(torch.bfloat16).float().numpy()
+cat = np.full((300, 3 * 256 + 32), 7, np.int16)  # three parts written in place (rows 800 apart), 32 guard columns
+_ops.norm_silu(x, w, b, 1e-3, True, 2, out=cat[:, :256])
+_ops.gather_norm_silu(None, table, rows, w, b, 1e-3, True, 2, out=cat[:, 256:512])
+_ops.take_rows(x, np.arange(300)[::-1].copy(), cat[:, 512:768], True, 2)
 np.savez(sys.argv[1], avx=_ops.avx512_bf16, norm=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2)),
          grouped=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2, 8)),
          gather=as_f32(_ops.gather_norm_silu(x, table, rows, w, b, 1e-3, True, 2)),
          gate=_ops.gru_gate(y, gate_bias, deter, True, 2),
          gate_copy=as_f32(_ops.gru_gate(y, gate_bias, deter, True, 2, True)[2]),
          draw=_ops.unimix_index(prior, u, 0.01, True, 2, prior_bias),
-         draw_k24=_ops.unimix_index(np.ascontiguousarray(prior[:, :24]), u, 0.01, True, 2))  # a masked dword block
+         draw_k24=_ops.unimix_index(np.ascontiguousarray(prior[:, :24]), u, 0.01, True, 2),  # a masked dword block
+         cat=as_f32(cat), x=as_f32(x),
+         gather_alone=as_f32(_ops.gather_norm_silu(None, table, rows, w, b, 1e-3, True, 2)))
 """
 
 
@@ -93,7 +99,13 @@ def test_avx512_bf16_paths_equal_the_portable_clones(tmp_path):
         subprocess.run([sys.executable, "-c", _OPS_SCRIPT, str(path)], check=True, env={**os.environ, **env})
         out[name] = np.load(path)
     assert bool(out["fast"]["avx"]) and not bool(out["portable"]["avx"])
-    for key in ("norm", "grouped", "gather"):
+    for name in out:  # in place: each part as the op alone wrote it, the guard columns untouched
+        cat, o = out[name]["cat"], out[name]
+        np.testing.assert_array_equal(cat[:, :256], o["norm"])
+        np.testing.assert_array_equal(cat[:, 256:512], o["gather_alone"])
+        np.testing.assert_array_equal(cat[:, 512:768], o["x"][::-1])
+        assert (cat[:, 768:] == float(torch.tensor(7, dtype=torch.int16).view(torch.bfloat16))).all()
+    for key in ("norm", "grouped", "gather", "cat"):
         np.testing.assert_allclose(out["fast"][key], out["portable"][key], rtol=2**-7, atol=2**-7, err_msg=key)
         assert float(np.mean(out["fast"][key] != out["portable"][key])) < 0.02, key  # mostly the same rounding
     np.testing.assert_allclose(out["fast"]["gate"], out["portable"]["gate"], rtol=1e-4, atol=1e-4)
@@ -477,3 +489,64 @@ def test_gru_gate_copies_are_the_new_deter_rounded_in_both_layouts(groups, dg):
     with pytest.raises(ValueError, match="copies=True needs bfloat16 y"):
         _ops.gru_gate(y.float().numpy(), bias.numpy(), deter.numpy(), False, 1, True)
     assert isinstance(_ops.gru_gate(y.float().numpy(), bias.numpy(), deter.numpy(), False, 1), np.ndarray)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_silu_cat_writes_each_part_as_its_own_op_and_falls_back_with_gradients(dtype):
+    """The GRU-input op: ``[norm_silu(x) | gathered stoch layer | action rows]`` written in place equals the three
+    ops' own results bit for bit, and the composed torch ops (used with gradients) within a rounding."""
+    from fastdream.nets import Norm, _gather_norm_silu_cpu, _norm_silu_cpu, norm_silu_cat, onehot_table
+
+    torch.manual_seed(0)
+    n, s, k, c = 97, 6, 5, 48
+    norm, table_norm = Norm(c), Norm(c)
+    for ln in (norm.ln, table_norm.ln):
+        torch.nn.init.normal_(ln.weight, 1.0, 0.5)
+        torch.nn.init.normal_(ln.bias, 0.0, 0.5)
+    x = (torch.randn(n, c) * 3).to(dtype)
+    weight = torch.randn(c, s * k, requires_grad=True)
+    index, rows = torch.randint(0, k, (n, s)), torch.randint(0, 3, (n,))
+    rows_table = torch.randn(3, 32).to(dtype)
+    with torch.no_grad():
+        table = onehot_table(weight, s * k).to(dtype)
+        got = norm_silu_cat(x, norm, table, index, k, table_norm, rows_table, rows)
+        f = lambda t: t.detach().float()  # noqa: E731
+        parts = [_norm_silu_cpu(x, f(norm.ln.weight), f(norm.ln.bias), 1e-3, 1, None, None),
+                 _gather_norm_silu_cpu(None, table, index, f(table_norm.ln.weight), f(table_norm.ln.bias), 1e-3, k),
+                 rows_table[rows]]
+    assert got.shape == (n, 2 * c + 32) and got.dtype == dtype
+    assert torch.equal(got, torch.cat(parts, -1))
+    composed = norm_silu_cat(x, norm, onehot_table(weight, s * k).to(dtype), index, k, table_norm, rows_table, rows)
+    assert composed.requires_grad  # the gradient path: torch ops
+    tol = 1e-5 if dtype == torch.float32 else 2 * BF16_RTOL
+    torch.testing.assert_close(composed.detach().float(), got.float(), rtol=tol, atol=tol)
+    composed[:, c: 2 * c].float().sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_in_place_outputs_and_take_rows_refuse_bad_input():
+    import numpy as np
+
+    from fastdream import _ops
+
+    x, w, b = np.ones((4, 16), np.float32), np.ones(16, np.float32), np.zeros(16, np.float32)
+    table = np.arange(48, dtype=np.float32).reshape(3, 16)
+    with pytest.raises(ValueError, match=r"out \(4, 8\) must be \[4, 16\]"):
+        _ops.norm_silu(x, w, b, 1e-3, out=np.empty((4, 8), np.float32))
+    with pytest.raises(ValueError, match="columns must be contiguous"):
+        _ops.norm_silu(x, w, b, 1e-3, out=np.empty((4, 32), np.float32)[:, ::2])
+    with pytest.raises(TypeError, match="out dtype float64"):
+        _ops.norm_silu(x, w, b, 1e-3, out=np.empty((4, 16)))
+    read_only = np.empty((4, 16), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _ops.gather_norm_silu(None, table, np.zeros((4, 2), np.int64), w, b, 1e-3, out=read_only)
+    with pytest.raises(ValueError, match="out is for groups = 1"):
+        _ops.norm_silu(x, w, b, 1e-3, groups=2, out=np.empty((4, 16), np.float32))
+    out = np.full((4, 20), -1.0, np.float32)
+    with pytest.raises(IndexError, match=r"index 3 outside \[0, 3\)"):
+        _ops.take_rows(table, np.array([0, 1, 3, 2]), out[:, :16])
+    assert (out == -1).all()  # checked before any row was copied
+    _ops.take_rows(table, np.array([2, 0, 1, 2]), out[:, 2:18], False, 2)
+    np.testing.assert_array_equal(out[:, 2:18], table[[2, 0, 1, 2]])
+    assert (out[:, :2] == -1).all() and (out[:, 18:] == -1).all()
