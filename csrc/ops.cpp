@@ -253,7 +253,8 @@ std::vector<float> transposed_bias(const float* bias, int64_t period, int64_t k_
 }
 
 py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& noise, double unimix, bool bfloat16,
-                                   int threads, const std::optional<py::array>& bias) {
+                                   int threads, const std::optional<py::array>& bias,
+                                   const std::optional<py::array>& out_arg) {
   check_floats(logits, bfloat16, "unimix_index", "logits");
   if (!noise.dtype().is(py::dtype::of<float>()))
     throw py::type_error("unimix_index: noise dtype " + std::string(py::str(noise.dtype())) + ", expected float32");
@@ -275,7 +276,13 @@ py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& nois
                             std::to_string(k_count) + " (row m adds bias row m % P)");
     period = bias->shape(0) / k_count;
   }
-  py::array_t<int64_t> out(m_count);
+  if (out_arg && !out_arg->dtype().is(py::dtype::of<int64_t>()))  // a converting cast would write a copy
+    throw py::type_error("unimix_index: out dtype " + std::string(py::str(out_arg->dtype())) + ", expected int64");
+  if (out_arg && (out_arg->ndim() != 1 || out_arg->shape(0) != m_count || !(out_arg->flags() & py::array::c_style) ||
+                  !out_arg->writeable()))
+    throw py::value_error("unimix_index: out " + shape_of(*out_arg) + " must be a writable contiguous int64 [" +
+                          std::to_string(m_count) + "]");
+  py::array_t<int64_t> out = out_arg ? *out_arg : py::array_t<int64_t>(m_count);
   auto* o = static_cast<int64_t*>(out.mutable_data());
   const auto* u = static_cast<const float*>(noise.data());
   const float mix = static_cast<float>(unimix);
@@ -1091,7 +1098,7 @@ void gru_gate_rows_bf16(const uint16_t* y, const float* bias, const float* deter
 }
 
 py::object gru_gate(const py::array& y, const py::array& bias, const py::array& deter, bool bfloat16, int threads,
-                    bool copies) {
+                    bool copies, const std::optional<py::array>& rows_out) {
   check_floats(y, bfloat16, "gru_gate", "y");
   if (!deter.dtype().is(py::dtype::of<float>()))
     throw py::type_error("gru_gate: deter dtype " + std::string(py::str(deter.dtype())) + ", expected float32");
@@ -1112,7 +1119,16 @@ py::object gru_gate(const py::array& y, const py::array& bias, const py::array& 
   GateCopies cp;
   if (copies) {
     if (!bfloat16) throw py::value_error("gru_gate: copies=True needs bfloat16 y (the copies are in y's dtype)");
-    rows_copy = py::array_t<int16_t>({n_count, groups * dg});
+    if (rows_out) {  // the caller's array, e.g. one step of a stacked sequence
+      if (!rows_out->dtype().is(py::dtype::of<int16_t>()))  // a converting cast would write a copy
+        throw py::type_error("gru_gate: rows_out dtype " + std::string(py::str(rows_out->dtype())) +
+                             ", expected int16 (bfloat16 words)");
+      if (rows_out->ndim() != 2 || rows_out->shape(0) != n_count || rows_out->shape(1) != groups * dg ||
+          !(rows_out->flags() & py::array::c_style) || !rows_out->writeable())
+        throw py::value_error("gru_gate: rows_out " + shape_of(*rows_out) + " must be a writable C-contiguous [" +
+                              std::to_string(n_count) + ", " + std::to_string(groups * dg) + "]");
+    }
+    rows_copy = rows_out ? py::array_t<int16_t>(*rows_out) : py::array_t<int16_t>({n_count, groups * dg});
     grouped_copy = py::array_t<int16_t>({groups, n_count, dg});
     cp.rows = reinterpret_cast<uint16_t*>(rows_copy.mutable_data());
     cp.grouped = reinterpret_cast<uint16_t*>(grouped_copy.mutable_data());
@@ -1228,10 +1244,11 @@ PYBIND11_MODULE(_ops, m) {
         py::arg("threads") = 1,
         "out [num_rows, O] float32: out[rows[m, s]] += g[m] for g [M, O] float32 and rows [M, S] int64.");
   m.def("unimix_index", &unimix_index, py::arg("logits"), py::arg("noise"), py::arg("unimix"),
-        py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("bias") = py::none(),
+        py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("bias") = py::none(), py::arg("out") = py::none(),
         "index [M] int64: inverse-CDF draw from (1 - unimix) softmax(logits) + unimix / K for logits [M, K]\n"
         "(float32, or bfloat16 passed as 16-bit words with bfloat16=True) and one uniform noise [M] float32 per row;\n"
-        "bias [P * K] float32 or None: row m's logits plus bias row m % P (a head's bias, one row per latent).");
+        "bias [P * K] float32 or None: row m's logits plus bias row m % P (a head's bias, one row per latent).\n"
+        "out: None, or the contiguous int64 [M] to write (e.g. one step of a stacked sequence).");
   m.def("norm_silu", &norm_silu, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
         py::arg("bfloat16") = false, py::arg("threads") = 1, py::arg("groups") = 1, py::arg("add") = py::none(),
         py::arg("add_bias") = py::none(), py::arg("out") = py::none(),
@@ -1257,8 +1274,9 @@ PYBIND11_MODULE(_ops, m) {
         "as 16-bit words with bfloat16=True) over bins [K] float32; bias [K] float32 or None (the head's bias,\n"
         "added here instead of by an addmm that copied it into every output row on one thread).");
   m.def("gru_gate", &gru_gate, py::arg("y"), py::arg("bias"), py::arg("deter"), py::arg("bfloat16") = false,
-        py::arg("threads") = 1, py::arg("copies") = false,
+        py::arg("threads") = 1, py::arg("copies") = false, py::arg("rows_out") = py::none(),
         "next deter [N, D] float32: the block-GRU update from the block matmul's output y [G, N, 3 D/G] (float32,\n"
         "or bfloat16 as 16-bit words with bfloat16=True) before its bias [3 D] float32, and deter [N, D] float32.\n"
-        "copies=True: (deter, its bfloat16 words [N, D], the same [G, N, D/G]) for the next step's matmuls.");
+        "copies=True: (deter, its bfloat16 words [N, D], the same [G, N, D/G]) for the next step's matmuls;\n"
+        "rows_out: None, or the C-contiguous [N, D] words array to write the first copy into (returned as it).");
 }

@@ -17,7 +17,7 @@ import torch
 
 from fastdream import runtime
 from fastdream.behavior import Actor
-from fastdream.nets import autocast_input, onehot_table
+from fastdream.nets import autocast_input, onehot_table, write_into
 from fastdream.nets import onehot as onehot_rows
 from fastdream.rssm import RSSM
 from fastdream.world_model import WorldModel
@@ -96,19 +96,24 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
     autocast its ``deter`` sequence is kept in the autocast dtype, as every layer reads it (the recurrence itself
     stays float32): the gate kernel writes that copy and the block matmul's grouped one as it rounds
     (``RSSM.img_step_low``), where inductor's casts wrote one per consumer, and the output has half the bytes.
+    The low-precision deter copies and the classes go straight into their time-major sequences (the gate and
+    draw kernels write step t's rows in place), where stacking them copied every step's.
     ``tables``: ``_gather_tables`` built already."""
     rssm = world_model.rssm
     index = class_index(stoch) if onehot else stoch.argmax(-1)
     deters, stochs, actions, indices = [deter], [stoch], [], [index]
-    action_table = low = None
+    action_table = low = seqs = None
     if onehot:
         deters[0] = autocast_input(deter)
         actor_table, stoch_table, action_table = tables if tables is not None else _gather_tables(world_model, actor)
         if step is None:
             step = lambda m, *args, **kw: RSSM.img_step(m, *args, table=stoch_table, **kw)  # noqa: E731
             if deters[0].dtype != deter.dtype:  # autocast: carry deter's low-precision copies (RSSM.img_step_low)
-                g = rssm.blocks
-                low = (deters[0], deters[0].reshape(-1, g, rssm.deter // g).transpose(0, 1).contiguous())
+                g, h = rssm.blocks, noise_stoch.shape[0]
+                seqs = (deters[0].new_empty(h + 1, *deters[0].shape), index.new_empty(h + 1, *index.shape))
+                write_into(deters[0], seqs[0][0])
+                write_into(index, seqs[1][0])
+                low = (seqs[0][0], deters[0].reshape(-1, g, rssm.deter // g).transpose(0, 1).contiguous())
         else:
             action_table = None  # another step function computes its own action input
     step = step or RSSM.img_step
@@ -124,7 +129,7 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
             action = actor.sample_with_noise(rssm.feat(deter, stoch), noise_action[t])
         if low is not None:
             deter, low, stoch, _, index = rssm.img_step_low(deter, low, stoch, action, noise_stoch[t], index,
-                                                             stoch_table, **kw)
+                                                             stoch_table, out=(seqs[0][t + 1], seqs[1][t + 1]), **kw)
         else:
             deter, stoch, _, index = step(rssm, deter, stoch, action, noise_stoch[t], index if onehot else None, **kw)
         deters.append(low[0] if low is not None else autocast_input(deter) if onehot else deter)
@@ -133,8 +138,8 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
         indices.append(index)
     # Time-major stacks: each step writes one contiguous block, and a window of H states is contiguous.
     stoch_seq = None if onehot else _batch_major(torch.stack(stochs))
-    return (_batch_major(torch.stack(deters)), stoch_seq, _batch_major(torch.stack(actions)),
-            _batch_major(torch.stack(indices)))
+    deter_seq, index_seq = seqs if seqs is not None else (torch.stack(deters), torch.stack(indices))
+    return _batch_major(deter_seq), stoch_seq, _batch_major(torch.stack(actions)), _batch_major(index_seq)
 
 
 def _batch_major(x: torch.Tensor) -> torch.Tensor:

@@ -130,22 +130,31 @@ def inverse_cdf_index(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float = 0.01,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``inverse_cdf_index(unimix_probs(logits + bias), noise)`` for ``logits [..., S, K]``, ``noise [..., S]`` →
     ``[..., S]``, without the probabilities; ``bias [S·K]`` (or None): a head's bias left out of its matmul. On a
     CPU: the C++ kernel ``fastdream._ops.unimix_index``, one pass over the logits (fp32 or bf16, maths in fp32)
     on torch's threads, adding the bias as it reads them. At ``[131072, 32]`` bf16 (an N=4096 prior step) here:
     ~0.45 ms (AVX512_BF16 path, software-prefetched), against ~8.5 ms for the softmax, cumsum and count of a
-    compiled step and ~20 ms eager."""
+    compiled step and ~20 ms eager. ``out``: a contiguous int64 array of ``noise``'s shape to write the classes into
+    (returned), e.g. one step of a stacked sequence."""
     k = logits.shape[-1]
+    if out is not None and (out.shape != noise.shape or out.dtype != torch.int64 or not out.is_contiguous()):
+        raise ValueError(f"unimix_index: out must be a contiguous int64 {tuple(noise.shape)}, got {out.dtype} "
+                         f"{tuple(out.shape)} (contiguous: {out.is_contiguous()})")
     if logits.device.type != "cpu":
         full = logits if bias is None else logits + bias.reshape(-1, k)
-        return inverse_cdf_index(unimix_probs(full.float(), unimix), noise)
+        index = inverse_cdf_index(unimix_probs(full.float(), unimix), noise)
+        return index if out is None else out.copy_(index)
     flat = logits.detach().reshape(-1, k)
     if flat.dtype not in (torch.float32, torch.bfloat16):
         flat = flat.float()
     b = None if bias is None else bias.detach().float()
-    return _unimix_index_cpu(flat, noise.detach().reshape(-1).float(), float(unimix), b).reshape(noise.shape)
+    u = noise.detach().reshape(-1).float()
+    if out is not None:
+        _unimix_index_into_cpu(flat, u, float(unimix), b, out.view(-1))
+        return out
+    return _unimix_index_cpu(flat, u, float(unimix), b).reshape(noise.shape)
 
 
 @torch.library.custom_op("fastdream::unimix_index", mutates_args=())
@@ -162,6 +171,22 @@ def _unimix_index_cpu(logits: torch.Tensor, noise: torch.Tensor, unimix: float,
 @_unimix_index_cpu.register_fake
 def _(logits: torch.Tensor, noise: torch.Tensor, unimix: float, bias: torch.Tensor | None) -> torch.Tensor:
     return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
+
+
+@torch.library.custom_op("fastdream::unimix_index_into", mutates_args=("out",))
+def _unimix_index_into_cpu(logits: torch.Tensor, noise: torch.Tensor, unimix: float, bias: torch.Tensor | None,
+                           out: torch.Tensor) -> None:
+    """``_unimix_index_cpu`` writing into ``out [M]`` (contiguous int64): a compiled rollout's classes go straight
+    into its stacked sequence (inductor keeps the mutated slice in place, no copy)."""
+    from fastdream import _ops
+
+    _ops.unimix_index(_words(logits), noise.contiguous().numpy(), unimix, logits.dtype == torch.bfloat16,
+                      torch.get_num_threads(), None if bias is None else bias.contiguous().numpy(), out.numpy())
+
+
+@_unimix_index_into_cpu.register_fake
+def _(logits: torch.Tensor, noise: torch.Tensor, unimix: float, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    return None
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +258,8 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, gro
     return x.new_empty(m, c) if groups == 1 else x.new_empty(groups, m, c // groups)
 
 
-def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, copies: bool = False
+def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, copies: bool = False,
+                     rows_out: torch.Tensor | None = None
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block-GRU update (``kernels.reference.gru_gate_reference``) from the block matmul's own output
     ``y [G, N, 3·D/G]`` before its ``bias [3D]``, and ``deter [N, D]`` → next deter ``[N, D]`` (float32).
@@ -242,17 +268,26 @@ def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, c
     transpose, no bias pass) and writes only the new deter. Elsewhere: the reference maths. ``copies``: also the
     new deter in ``y``'s dtype as the next step's matmuls read it, ``[N, D]`` and ``[G, N, D/G]`` (the kernel
     rounds what it writes anyway; inductor's cast wrote 4 copies, the block matmul's in a layout it copied again).
+    ``rows_out`` (with ``copies``): a contiguous ``[N, D]`` of ``y``'s dtype that the ``[N, D]`` copy is written
+    into and returned as (e.g. one step of a stacked sequence).
     """
     g, n, k = y.shape
+    if rows_out is not None and (not copies or rows_out.shape != (n, g * (k // 3)) or rows_out.dtype != y.dtype
+                                 or not rows_out.is_contiguous()):
+        raise ValueError(f"gru_gate_grouped: rows_out must be a contiguous {y.dtype} [{n}, {g * (k // 3)}] with "
+                         f"copies=True, got {rows_out.dtype} {tuple(rows_out.shape)} (copies={copies})")
     if _no_grad_cpu(y, bias, deter):
         if copies and y.dtype == torch.bfloat16:
+            if rows_out is not None:
+                out, grouped = _gru_gate_into_cpu(y, bias.detach().float(), deter.float(), rows_out)
+                return out, rows_out, grouped
             return _gru_gate_copies_cpu(y, bias.detach().float(), deter.float())
         out = _gru_gate_cpu(y, bias.detach().float(), deter.float())
     else:
         out = gru_gate_reference(y.transpose(0, 1).reshape(n, g * k) + bias, deter, g)
     if not copies:
         return out
-    low = out.to(y.dtype)
+    low = out.to(y.dtype) if rows_out is None else rows_out.copy_(out)
     return out, low, low.reshape(n, g, k // 3).transpose(0, 1).contiguous()
 
 
@@ -280,11 +315,43 @@ def _gru_gate_copies_cpu(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tenso
             torch.from_numpy(grouped).view(torch.bfloat16))
 
 
+@torch.library.custom_op("fastdream::gru_gate_into", mutates_args=("rows",))
+def _gru_gate_into_cpu(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, rows: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_gru_gate_copies_cpu`` writing its ``[N, D]`` copy into ``rows`` (contiguous bf16): a compiled rollout's
+    deter sequence is written in place (inductor keeps the mutated slice, no stacking copy)."""
+    from fastdream import _ops
+
+    out, _, grouped = _ops.gru_gate(_words(y), bias.contiguous().numpy(), deter.detach().contiguous().numpy(), True,
+                                    torch.get_num_threads(), True, rows.view(torch.int16).numpy())
+    return torch.from_numpy(out), torch.from_numpy(grouped).view(torch.bfloat16)
+
+
+@_gru_gate_into_cpu.register_fake
+def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, rows: torch.Tensor
+      ) -> tuple[torch.Tensor, torch.Tensor]:
+    g, n, k = y.shape
+    return deter.new_empty(deter.shape, dtype=torch.float32), y.new_empty(g, n, k // 3)
+
+
 @_gru_gate_copies_cpu.register_fake
 def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g, n, k = y.shape
     return (deter.new_empty(deter.shape, dtype=torch.float32), y.new_empty(n, g * (k // 3)),
             y.new_empty(g, n, k // 3))
+
+
+@torch.library.custom_op("fastdream::write_into", mutates_args=("out",))
+def write_into(src: torch.Tensor, out: torch.Tensor) -> None:
+    """``out.copy_(src)`` as one opaque op: a compiled graph's first write into a fresh (``torch.empty``) buffer,
+    e.g. step 0 of a stacked sequence whose other steps kernels write in place. As a plain copy inductor
+    wrote the whole buffer (the other steps from the uninitialised ``empty``): ~1.8 ms per N=4096 dream."""
+    out.copy_(src)
+
+
+@write_into.register_fake
+def _(src: torch.Tensor, out: torch.Tensor) -> None:
+    return None
 
 
 def onehot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

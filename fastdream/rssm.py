@@ -82,11 +82,13 @@ class RSSM(nn.Module):
                  index: torch.Tensor | None = None,
                  weights: tuple[torch.Tensor, torch.Tensor] | None = None,
                  table: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 copies: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 copies: bool = False, rows_out: torch.Tensor | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next deter ``[N, D]``: the gate maths on ``gate_inputs`` (same arguments), fused with the GRU's
-        bias on the block matmul's output (``nets.gru_gate_grouped``). ``low``/``copies``: see ``img_step_low``."""
+        bias on the block matmul's output (``nets.gru_gate_grouped``). ``low``/``copies``/``rows_out``: see
+        ``img_step_low``."""
         y = torch.bmm(self.gru_input(deter, stoch, action_in, index, weights, True, table, low), self.gru.weight)
-        return gru_gate_grouped(y, self.gru.bias, deter, copies)
+        return gru_gate_grouped(y, self.gru.bias, deter, copies, rows_out)
 
     def gru_input(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
                   index: torch.Tensor | None = None,
@@ -150,12 +152,13 @@ class RSSM(nn.Module):
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
              index: torch.Tensor | None = None, table: torch.Tensor | None = None,
              action_in: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
-             copies: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             copies: bool = False, rows_out: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]`` (``action_in``:
         ``action_input(action)`` known already, e.g. rows of ``action_table``; ``low``/``copies``: see
         ``img_step_low``)."""
         return self.gru_step(deter, stoch, self.action_input(action) if action_in is None else action_in, index,
-                             table=table, low=low, copies=copies)
+                             table=table, low=low, copies=copies, rows_out=rows_out)
 
     def action_table(self, actions: int) -> torch.Tensor:
         """``action_input`` of each one-hot action ``[A, H]``: the GRU's action input of a one-hot action is row
@@ -188,19 +191,25 @@ class RSSM(nn.Module):
 
     def img_step_low(self, deter: torch.Tensor, low: tuple[torch.Tensor, torch.Tensor], stoch: torch.Tensor,
                      action: torch.Tensor, noise: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                     table: torch.Tensor | None = None, action_in: torch.Tensor | None = None
+                     table: torch.Tensor | None = None, action_in: torch.Tensor | None = None,
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
         """``img_step`` carrying ``low``: deter in the matmuls' (autocast) dtype as they read it, ``[N, D]`` and
         ``[G, N, D/G]``; returns ``(deter, low, stoch, prior_logits, index)`` with the new deter's, which the gate
-        kernel writes as it rounds (no-grad bf16 rollouts: one pass, where casts wrote four copies per step)."""
-        deter, rows, grouped = self.core(deter, stoch, action, index, table, action_in, low, copies=True)
-        return (deter, (rows, grouped), *self.prior_draw(deter, noise, rows))
+        kernel writes as it rounds (no-grad bf16 rollouts: one pass, where casts wrote four copies per step).
+        ``out``: the arrays ``([N, D], [N, S])`` (e.g. a step of stacked sequences) that the new deter's ``[N, D]``
+        copy and the drawn ``index`` are written into, and returned as."""
+        rows_out, index_out = out if out is not None else (None, None)
+        deter, rows, grouped = self.core(deter, stoch, action, index, table, action_in, low, copies=True,
+                                         rows_out=rows_out)
+        return (deter, (rows, grouped), *self.prior_draw(deter, noise, rows, index_out))
 
-    def prior_draw(self, deter: torch.Tensor, noise: torch.Tensor | None = None, features_in: torch.Tensor | None = None
+    def prior_draw(self, deter: torch.Tensor, noise: torch.Tensor | None = None,
+                   features_in: torch.Tensor | None = None, index_out: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A draw from the prior of ``deter [N, D]`` (read as ``features_in`` where given, e.g. its bf16 copy):
-        ``(stoch, prior_logits, index [N, S])``."""
+        ``(stoch, prior_logits, index [N, S])``; ``index_out``: the ``[N, S]`` array the index is written into."""
         # The head's matmul without its bias: the draw adds it (an addmm copied it into all N rows on one thread).
         head = self.prior_net.head
         unbiased = F.linear(self.prior_net.features(deter if features_in is None else features_in), head.weight)
@@ -210,8 +219,10 @@ class RSSM(nn.Module):
             noise = torch.rand(probs.shape[:-1], device=probs.device, dtype=probs.dtype)
         if probs.requires_grad:
             stoch, index = straight_through_draw(probs, noise)
+            if index_out is not None:
+                index = index_out.copy_(index)
         else:  # no gradient to pass on: draw from the logits in one pass (a compiled rollout drops ``probs``)
-            index = unimix_index(unbiased.reshape(raw.shape), noise, self.unimix, head.bias)
+            index = unimix_index(unbiased.reshape(raw.shape), noise, self.unimix, head.bias, index_out)
             stoch = onehot(index, self.classes, probs.dtype)
         return stoch, probs.log(), index
 
