@@ -550,3 +550,41 @@ def test_in_place_outputs_and_take_rows_refuse_bad_input():
     _ops.take_rows(table, np.array([2, 0, 1, 2]), out[:, 2:18], False, 2)
     np.testing.assert_array_equal(out[:, 2:18], table[[2, 0, 1, 2]])
     assert (out[:, :2] == -1).all() and (out[:, 18:] == -1).all()
+
+
+def test_gate_and_draw_write_into_a_stacked_sequence():
+    """``rows_out``/``out``: the gate's bf16 rows and the draw's classes land in the given step of a sequence, equal
+    to the returned-array results, the other steps untouched; an array the kernel could only write a copy of is
+    refused."""
+    import numpy as np
+
+    from fastdream import _ops
+    from fastdream.nets import gru_gate_grouped, unimix_index
+
+    torch.manual_seed(0)
+    g, n, dg, s, k = 4, 37, 16, 5, 8
+    y = (torch.randn(g, n, 3 * dg) * 2).bfloat16()
+    bias, deter = torch.randn(3 * g * dg) * 0.3, torch.randn(n, g * dg)
+    logits, noise = torch.randn(n, s, k).bfloat16(), torch.rand(n, s)
+    seq = torch.full((3, n, g * dg), 7.0, dtype=torch.bfloat16)
+    classes = torch.full((3, n, s), -1, dtype=torch.int64)
+    with torch.no_grad():
+        out, rows, grouped = gru_gate_grouped(y, bias, deter, copies=True)
+        got = gru_gate_grouped(y, bias, deter, True, seq[1])
+        drawn = unimix_index(logits, noise, 0.01)
+        into = unimix_index(logits, noise, 0.01, out=classes[2])
+    assert got[1].data_ptr() == seq[1].data_ptr() and torch.equal(seq[1], rows)
+    assert torch.equal(got[0], out) and torch.equal(got[2], grouped)
+    assert (seq[0] == 7).all() and (seq[2] == 7).all()
+    assert into.data_ptr() == classes[2].data_ptr() and torch.equal(classes[2], drawn)
+    assert (classes[:2] == -1).all() and len(drawn.unique()) == k
+    with pytest.raises(ValueError, match="rows_out must be a contiguous"):
+        gru_gate_grouped(y, bias, deter, True, seq[:, 0])
+    with pytest.raises(ValueError, match="out must be a contiguous int64"):
+        unimix_index(logits, noise, 0.01, out=classes[2].int())
+    words = logits.reshape(-1, k).view(torch.int16).numpy()
+    with pytest.raises(TypeError, match="out dtype int32, expected int64"):
+        _ops.unimix_index(words, noise.reshape(-1).numpy(), 0.01, True, out=np.zeros(n * s, np.int32))
+    with pytest.raises(TypeError, match="rows_out dtype uint16"):
+        _ops.gru_gate(y.view(torch.int16).numpy(), bias.numpy(), deter.numpy(), True, 1, True,
+                      np.zeros((n, g * dg), np.uint16))
