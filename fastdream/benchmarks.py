@@ -37,28 +37,26 @@ class Case:
         return next(v for v in self.variants if v.name == name)
 
 
-def time_call(fn: Callable[[], Any], min_time: float) -> float:
-    """Seconds per call: the best of repeated blocks that each last about ``min_time / 3``."""
-    fn()  # warm-up
+def _seconds(fn: Callable[[], Any], reps: int) -> float:
     t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    reps = max(1, int(min_time / 3 / once))
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
 
 
-def run_case(case: Case, min_time: float = 1.0) -> list[dict[str, Any]]:
-    """Times every variant of ``case`` (interleaved twice, best kept) and returns its records."""
+def run_case(case: Case, min_time: float = 1.0, rounds: int = 6) -> list[dict[str, Any]]:
+    """Times every variant of ``case`` and returns its records: after a warm-up call each, ``rounds`` rounds
+    time one block of ~``min_time / rounds`` seconds per variant in turn, and the best block counts. Interleaved
+    blocks share the machine's drift (this VM's speed moves by up to ~1.5x between runs): in every round a
+    variant and its reference are timed within seconds of each other."""
+    reps = {}
+    for v in case.variants:
+        v.fn()  # warm-up (compilation, allocations)
+        reps[v.name] = max(1, int(min_time / rounds / max(_seconds(v.fn, 1), 1e-7)))
     secs = {v.name: float("inf") for v in case.variants}
-    for _ in range(2):
+    for _ in range(rounds):
         for v in case.variants:
-            secs[v.name] = min(secs[v.name], time_call(v.fn, min_time / 2))
+            secs[v.name] = min(secs[v.name], _seconds(v.fn, reps[v.name]))
     rate = {v.name: v.work / secs[v.name] for v in case.variants}
     records = []
     for v in case.variants:
