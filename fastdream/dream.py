@@ -18,7 +18,7 @@ import torch
 from fastdream import runtime
 from fastdream.behavior import Actor
 from fastdream.nets import autocast_input, onehot_table, write_into
-from fastdream.nets import onehot as onehot_rows
+from fastdream.nets import onehot as onehot_rows  # _rollout's flag is named onehot
 from fastdream.rssm import RSSM
 from fastdream.world_model import WorldModel
 
@@ -312,6 +312,8 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
     stoch classes on to ``Behavior.losses``. ``dense_feat=False`` (no-grad dreams with ``onehot``): ``feat``
     is only its dense part ``[N, H+1, D]``, the stoch being ``traj["index"]``; every layer given ``hot`` reads
     just that, and the one-hot columns (80 % of ``feat`` at size xs, ~84 MB at N=1024) are never written.
+    The sequences are views of time-major buffers (``x.transpose(0, 1)`` is contiguous ``[H, N, ·]``): a layer
+    reading H states of them reads a contiguous block, not a copy.
     """
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")

@@ -28,6 +28,9 @@ from fastdream.nets import (
     unimix_probs,
 )
 
+# The GRU's action input: ``action_input(action)`` [N, H], or ``(action_table(A), classes [N])``, the rows of it.
+ActionIn = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
 
 class RSSM(nn.Module):
     """Recurrent state-space model; all state tensors are plain ``(deter, stoch)`` pairs."""
@@ -78,7 +81,7 @@ class RSSM(nn.Module):
         ``gru_input`` (same arguments)."""
         return self.gru(self.gru_input(deter, stoch, action_in, index, weights))
 
-    def gru_step(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
+    def gru_step(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: ActionIn,
                  index: torch.Tensor | None = None,
                  weights: tuple[torch.Tensor, torch.Tensor] | None = None,
                  table: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -90,7 +93,7 @@ class RSSM(nn.Module):
         y = torch.bmm(self.gru_input(deter, stoch, action_in, index, weights, True, table, low), self.gru.weight)
         return gru_gate_grouped(y, self.gru.bias, deter, copies, rows_out)
 
-    def gru_input(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
+    def gru_input(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: ActionIn,
                   index: torch.Tensor | None = None,
                   weights: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = False,
                   table: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -151,7 +154,7 @@ class RSSM(nn.Module):
 
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
              index: torch.Tensor | None = None, table: torch.Tensor | None = None,
-             action_in: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
+             action_in: ActionIn | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
              copies: bool = False, rows_out: torch.Tensor | None = None
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]`` (``action_in``:
@@ -181,7 +184,7 @@ class RSSM(nn.Module):
     # ---------------------------------------------------------------- steps
     def img_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
                  noise: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                 table: torch.Tensor | None = None, action_in: torch.Tensor | None = None
+                 table: torch.Tensor | None = None, action_in: ActionIn | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One imagined step from the prior: ``(deter, stoch, prior_logits, index [N, S])``, ``index``
         the classes of the new ``stoch`` sample (the given ``index`` and ``table``: see ``gru_input``;
@@ -191,7 +194,7 @@ class RSSM(nn.Module):
 
     def img_step_low(self, deter: torch.Tensor, low: tuple[torch.Tensor, torch.Tensor], stoch: torch.Tensor,
                      action: torch.Tensor, noise: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                     table: torch.Tensor | None = None, action_in: torch.Tensor | None = None,
+                     table: torch.Tensor | None = None, action_in: ActionIn | None = None,
                      out: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
