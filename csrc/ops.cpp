@@ -238,7 +238,6 @@ void unimix_index_rows_bf16(const uint16_t* logits, const float* noise, int64_t*
 
 void unimix_index_tiles_bf16_avx512(const uint16_t* logits, const float* noise, int64_t* out, int64_t tile0,
                                     int64_t tile1, int64_t k_count, float unimix, const float* bias_t, int64_t period);
-std::vector<float> transposed_bias(const float* bias, int64_t period, int64_t k_count);
 
 // bias [P, K] laid out for 16-row tiles, one row per lane: [slot][k][lane] = bias[(phase + lane) % P][k] for each
 // phase = row0 % P a tile can start at (multiples of g = gcd(P, 16); slot = phase / g).

@@ -278,10 +278,9 @@ def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, c
                          f"copies=True, got {rows_out.dtype} {tuple(rows_out.shape)} (copies={copies})")
     if _no_grad_cpu(y, bias, deter):
         if copies and y.dtype == torch.bfloat16:
-            if rows_out is not None:
-                out, grouped = _gru_gate_into_cpu(y, bias.detach().float(), deter.float(), rows_out)
-                return out, rows_out, grouped
-            return _gru_gate_copies_cpu(y, bias.detach().float(), deter.float())
+            rows = y.new_empty(n, g * (k // 3)) if rows_out is None else rows_out
+            out, grouped = _gru_gate_into_cpu(y, bias.detach().float(), deter.float(), rows)
+            return out, rows, grouped
         out = _gru_gate_cpu(y, bias.detach().float(), deter.float())
     else:
         out = gru_gate_reference(y.transpose(0, 1).reshape(n, g * k) + bias, deter, g)
@@ -304,22 +303,11 @@ def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
     return deter.new_empty(deter.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastdream::gru_gate_copies", mutates_args=())
-def _gru_gate_copies_cpu(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastdream import _ops
-
-    out, rows, grouped = _ops.gru_gate(_words(y), bias.contiguous().numpy(), deter.detach().contiguous().numpy(), True,
-                                       torch.get_num_threads(), True)
-    return (torch.from_numpy(out), torch.from_numpy(rows).view(torch.bfloat16),
-            torch.from_numpy(grouped).view(torch.bfloat16))
-
-
 @torch.library.custom_op("fastdream::gru_gate_into", mutates_args=("rows",))
 def _gru_gate_into_cpu(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, rows: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_gru_gate_copies_cpu`` writing its ``[N, D]`` copy into ``rows`` (contiguous bf16): a compiled rollout's
-    deter sequence is written in place (inductor keeps the mutated slice, no stacking copy)."""
+    """``_gru_gate_cpu`` that also writes the new deter rounded to bf16 into ``rows [N, D]`` (contiguous: e.g. a step
+    of a compiled rollout's deter sequence, which inductor keeps in place) and returns it grouped ``[G, N, D/G]``."""
     from fastdream import _ops
 
     out, _, grouped = _ops.gru_gate(_words(y), bias.contiguous().numpy(), deter.detach().contiguous().numpy(), True,
@@ -332,13 +320,6 @@ def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, rows: torch.Tens
       ) -> tuple[torch.Tensor, torch.Tensor]:
     g, n, k = y.shape
     return deter.new_empty(deter.shape, dtype=torch.float32), y.new_empty(g, n, k // 3)
-
-
-@_gru_gate_copies_cpu.register_fake
-def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g, n, k = y.shape
-    return (deter.new_empty(deter.shape, dtype=torch.float32), y.new_empty(n, g * (k // 3)),
-            y.new_empty(g, n, k // 3))
 
 
 @torch.library.custom_op("fastdream::write_into", mutates_args=("out",))
@@ -439,6 +420,12 @@ def _embedding_sum(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return F.embedding_bag(flat, table.contiguous(), offsets, mode="sum")
 
 
+def latent_rows(index: torch.Tensor, classes: int) -> torch.Tensor:
+    """Classes ``index [..., S]`` → the rows ``[M, S]`` of an ``[S·K, ·]`` table they pick (latent s: s·K + class)."""
+    groups = index.shape[-1]
+    return index.reshape(-1, groups) + torch.arange(groups, device=index.device) * classes
+
+
 def onehot_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, classes: int) -> torch.Tensor:
     """``[x, one_hot(index)] @ weight.T`` (``weight [O, I]``, ``index [..., S]``, ``K = classes``): the
     one-hot columns become a gather-sum of weight rows (``embedding_bag``) instead of a matmul with
@@ -451,7 +438,7 @@ def onehot_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, cl
     start = weight.shape[1] - groups * classes
     if x.shape[-1] == weight.shape[1] and x.requires_grad:
         return F.linear(x, weight)
-    rows = index.reshape(-1, groups) + torch.arange(groups, device=x.device) * classes  # [M, S]
+    rows = latent_rows(index, classes)
     hot_weight = weight[:, start:]
     if torch.is_grad_enabled() and weight.requires_grad:
         y = _GatherRows.apply(hot_weight, rows)
@@ -521,10 +508,7 @@ def norm_silu_cat(x: torch.Tensor, norm: Norm, table: torch.Tensor, index: torch
     ln0, ln1 = norm.ln, table_norm.ln
     same = x.dtype == table.dtype == rows_table.dtype
     if not (same and _no_grad_cpu(x, table, rows_table, ln0.weight, ln0.bias, ln1.weight, ln1.bias)):
-        s = index.shape[-1]
-        flat = (index + torch.arange(s, device=index.device) * classes).reshape(-1)
-        offsets = torch.arange(0, flat.numel(), s, device=index.device)
-        gathered = F.embedding_bag(flat, table, offsets, mode="sum").to(x.dtype)
+        gathered = _embedding_sum(table.t(), latent_rows(index, classes)).to(x.dtype)
         return torch.cat([norm_silu(x, norm), norm_silu(gathered, table_norm), rows_table[rows].to(x.dtype)], -1)
     return _norm_silu_cat_cpu(x, ln0.weight.detach().float(), ln0.bias.detach().float(), float(ln0.eps), table,
                               index, classes, ln1.weight.detach().float(), ln1.bias.detach().float(), float(ln1.eps),
