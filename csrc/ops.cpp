@@ -549,55 +549,50 @@ void norm_silu_rows_bf16_avx512(const uint16_t* x, const float* w, const float* 
 // table load adds into the even and odd columns' sums by two dot products against (1, 0) and (0, 1) pairs,
 // 3 instructions per 32 columns instead of 5 (load, shift, mask, 2 adds). Exact: one product is x · 1,
 // the other 0, and the sum rounds to nearest even as an add does (denormal inputs flush to zero).
+// NP vectors of 32 columns per block: 8 (256 columns, a whole xs row) keeps 16 sums, enough independent dot
+// products per latent to cover their latency; fewer pair the latents into two sets of sums instead (the
+// 8-vector blocks: ~1-2 % of an xs gather). The block's table row kGatherAhead latents on is asked for.
+
+// NP vectors of 32 bfloat16 columns at src added into the even and odd columns' sums.
+template <int NP>
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void add_row(const uint16_t* __restrict__ src, __m512* even,
+                                                                     __m512* odd) {
+  const __m512bh pick_even = (__m512bh)_mm512_set1_epi32(0x00003F80), pick_odd = (__m512bh)_mm512_set1_epi32(0x3F800000);
+#pragma GCC unroll 8
+  for (int v = 0; v < NP; ++v) {
+    const __m512bh w = (__m512bh)_mm512_loadu_si512(src + 2 * v * kLanes);
+    even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
+    odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
+  }
+}
+
 template <int NP>
 FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void dot_block(const uint16_t* __restrict__ dense_row,
                                                                        const uint16_t* __restrict__ table,
                                                                        const int64_t* __restrict__ idx, int64_t s_count,
                                                                        int64_t c_count, float* __restrict__ buf) {
-  const __m512bh pick_even = (__m512bh)_mm512_set1_epi32(0x00003F80), pick_odd = (__m512bh)_mm512_set1_epi32(0x3F800000);
-  __m512 even[NP], odd[NP];
+  constexpr int kSets = NP >= 8 ? 1 : 2;
+  __m512 even[kSets][NP], odd[kSets][NP];
 #pragma GCC unroll 8
-  for (int v = 0; v < NP; ++v) {
-    even[v] = odd[v] = _mm512_setzero_ps();
-    if (dense_row) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(dense_row + 2 * v * kLanes);
-      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
-      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
-    }
-  }
-  // Latents in pairs into two sets of sums, so each sum's chain of dependent dot products is S/2 long.
-  __m512 even2[NP], odd2[NP];
-#pragma GCC unroll 8
-  for (int v = 0; v < NP; ++v) even2[v] = odd2[v] = _mm512_setzero_ps();
+  for (int v = 0; v < NP; ++v)
+#pragma GCC unroll 2
+    for (int k = 0; k < kSets; ++k) even[k][v] = odd[k][v] = _mm512_setzero_ps();
+  if (dense_row) add_row<NP>(dense_row, even[0], odd[0]);
   int64_t s = 0;
-  for (; s + 1 < s_count; s += 2) {
-    const uint16_t* src = table + idx[s] * c_count;
-    const uint16_t* src2 = table + idx[s + 1] * c_count;
-#pragma GCC unroll 8
-    for (int v = 0; v < NP; ++v) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(src + 2 * v * kLanes);
-      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
-      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
-      const __m512bh w2 = (__m512bh)_mm512_loadu_si512(src2 + 2 * v * kLanes);
-      even2[v] = _mm512_dpbf16_ps(even2[v], w2, pick_even);
-      odd2[v] = _mm512_dpbf16_ps(odd2[v], w2, pick_odd);
+  for (; s + kSets <= s_count; s += kSets)
+#pragma GCC unroll 2
+    for (int k = 0; k < kSets; ++k) {
+      if (s + k + kGatherAhead < s_count) prefetch(table + idx[s + k + kGatherAhead] * c_count, 2 * NP * kLanes);
+      add_row<NP>(table + idx[s + k] * c_count, even[k], odd[k]);
     }
-  }
-  for (; s < s_count; ++s) {
-    const uint16_t* src = table + idx[s] * c_count;
-#pragma GCC unroll 8
-    for (int v = 0; v < NP; ++v) {
-      const __m512bh w = (__m512bh)_mm512_loadu_si512(src + 2 * v * kLanes);
-      even[v] = _mm512_dpbf16_ps(even[v], w, pick_even);
-      odd[v] = _mm512_dpbf16_ps(odd[v], w, pick_odd);
-    }
-  }
+  for (; s < s_count; ++s) add_row<NP>(table + idx[s] * c_count, even[0], odd[0]);
 #pragma GCC unroll 8
   for (int v = 0; v < NP; ++v) {
-    even[v] = _mm512_add_ps(even[v], even2[v]);
-    odd[v] = _mm512_add_ps(odd[v], odd2[v]);
     Floats lo, hi;
-    interleave((Floats)even[v], (Floats)odd[v], lo, hi);
+    if constexpr (kSets == 2)
+      interleave((Floats)_mm512_add_ps(even[0][v], even[1][v]), (Floats)_mm512_add_ps(odd[0][v], odd[1][v]), lo, hi);
+    else
+      interleave((Floats)even[0][v], (Floats)odd[0][v], lo, hi);
     store_lanes(buf + 2 * v * kLanes, lo);
     store_lanes(buf + (2 * v + 1) * kLanes, hi);
   }
@@ -609,13 +604,14 @@ bool gather_norm_silu_rows_bf16_dot(const uint16_t* dense, const uint16_t* table
                                     int64_t r_count, int64_t c_count, float eps, int64_t classes, int64_t ld) {
   std::vector<float> buf(static_cast<size_t>(c_count));
   std::vector<int64_t> abs_rows(static_cast<size_t>(s_count));
-  constexpr int64_t kBlock = 8 * kLanes;
   for (int64_t m = row0; m < row1; ++m) {
     const int64_t* idx = gather_row(dense, rows, m, row1, s_count, r_count, c_count, classes, abs_rows.data());
     if (!idx) return false;
     const uint16_t* dense_row = dense ? dense + m * c_count : nullptr;
     int64_t c = 0;
-    for (; c + kBlock <= c_count; c += kBlock)
+    for (; c + 16 * kLanes <= c_count; c += 16 * kLanes)
+      dot_block<8>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
+    for (; c + 8 * kLanes <= c_count; c += 8 * kLanes)
       dot_block<4>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
     for (; c < c_count; c += 2 * kLanes)
       dot_block<1>(dense_row ? dense_row + c : nullptr, table + c, idx, s_count, c_count, buf.data() + c);
@@ -877,6 +873,7 @@ __attribute__((always_inline)) inline void gather_block(const T* __restrict__ de
       if (dense_row) split_words(dense_row + 2 * v * kLanes, even[v], odd[v]);
     }
     for (int64_t s = 0; s < s_count; ++s) {
+      if (s + kGatherAhead < s_count) prefetch(table + idx[s + kGatherAhead] * c_count, NV * kLanes);
       const T* src = table + idx[s] * c_count;
 #pragma GCC unroll 8
       for (int v = 0; v < NV / 2; ++v) split_words(src + 2 * v * kLanes, even[v], odd[v]);
@@ -893,6 +890,7 @@ __attribute__((always_inline)) inline void gather_block(const T* __restrict__ de
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[v] = dense_row ? load_row(dense_row + v * kLanes) : Floats{};
     for (int64_t s = 0; s < s_count; ++s) {
+      if (s + kGatherAhead < s_count) prefetch(table + idx[s + kGatherAhead] * c_count, NV * kLanes);
       const T* src = table + idx[s] * c_count;
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) acc[v] += load_row(src + v * kLanes);
