@@ -17,8 +17,9 @@ import torch
 
 from fastdream import runtime
 from fastdream.behavior import Actor
-from fastdream.nets import autocast_input, onehot_table, write_into
+from fastdream.nets import autocast_input, onehot_table
 from fastdream.nets import onehot as onehot_rows  # _rollout's flag is named onehot
+from fastdream.ops import write_into
 from fastdream.rssm import RSSM
 from fastdream.world_model import WorldModel
 

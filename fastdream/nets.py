@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdream import ops
 from fastdream.kernels.reference import gru_gate_reference
 
 # One-hot stoch known by its class indices: ``(index [..., S], classes K)``, see ``onehot_linear``; a third entry
@@ -69,23 +70,9 @@ def twohot_decode(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor |
     if _no_grad_cpu(logits, *params) and logits.shape[-1] == bins.shape[0] and logits.numel():
         k = logits.shape[-1]
         b = None if bias is None else bias.detach().float()
-        return _twohot_decode_cpu(logits.reshape(-1, k), bins.detach().float(), b).reshape(logits.shape[:-1])
+        return ops.twohot_decode(logits.reshape(-1, k), bins.detach().float(), b).reshape(logits.shape[:-1])
     x = logits.float() if bias is None else logits.float() + bias
     return symexp((x.softmax(-1) * bins).sum(-1))  # not a matmul: autocast would make it bf16
-
-
-@torch.library.custom_op("fastdream::twohot_decode", mutates_args=())
-def _twohot_decode_cpu(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from fastdream import _ops
-
-    return torch.from_numpy(_ops.twohot_decode(_words(logits), bins.contiguous().numpy(),
-                                               logits.dtype == torch.bfloat16, torch.get_num_threads(),
-                                               None if bias is None else bias.contiguous().numpy()))
-
-
-@_twohot_decode_cpu.register_fake
-def _(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return logits.new_empty(logits.shape[:-1], dtype=torch.float32)
 
 
 def twohot_decode_logp(logp: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
@@ -152,41 +139,9 @@ def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float = 0.01
     b = None if bias is None else bias.detach().float()
     u = noise.detach().reshape(-1).float()
     if out is not None:
-        _unimix_index_into_cpu(flat, u, float(unimix), b, out.view(-1))
+        ops.unimix_index_into(flat, u, float(unimix), b, out.view(-1))
         return out
-    return _unimix_index_cpu(flat, u, float(unimix), b).reshape(noise.shape)
-
-
-@torch.library.custom_op("fastdream::unimix_index", mutates_args=())
-def _unimix_index_cpu(logits: torch.Tensor, noise: torch.Tensor, unimix: float,
-                      bias: torch.Tensor | None) -> torch.Tensor:
-    """The C++ kernel as a torch op: a compiled rollout keeps it as one opaque call (no graph break)."""
-    from fastdream import _ops
-
-    return torch.from_numpy(_ops.unimix_index(_words(logits), noise.contiguous().numpy(), unimix,
-                                              logits.dtype == torch.bfloat16, torch.get_num_threads(),
-                                              None if bias is None else bias.contiguous().numpy()))
-
-
-@_unimix_index_cpu.register_fake
-def _(logits: torch.Tensor, noise: torch.Tensor, unimix: float, bias: torch.Tensor | None) -> torch.Tensor:
-    return logits.new_empty(logits.shape[:-1], dtype=torch.int64)
-
-
-@torch.library.custom_op("fastdream::unimix_index_into", mutates_args=("out",))
-def _unimix_index_into_cpu(logits: torch.Tensor, noise: torch.Tensor, unimix: float, bias: torch.Tensor | None,
-                           out: torch.Tensor) -> None:
-    """``_unimix_index_cpu`` writing into ``out [M]`` (contiguous int64): a compiled rollout's classes go straight
-    into its stacked sequence (inductor keeps the mutated slice in place, no copy)."""
-    from fastdream import _ops
-
-    _ops.unimix_index(_words(logits), noise.contiguous().numpy(), unimix, logits.dtype == torch.bfloat16,
-                      torch.get_num_threads(), None if bias is None else bias.contiguous().numpy(), out.numpy())
-
-
-@_unimix_index_into_cpu.register_fake
-def _(logits: torch.Tensor, noise: torch.Tensor, unimix: float, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    return None
+    return ops.unimix_index(flat, u, float(unimix), b).reshape(noise.shape)
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -205,12 +160,6 @@ def _no_grad_cpu(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """True where a C++ kernel may stand in for torch ops: a float32/bfloat16 CPU tensor and no gradient needed."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not needs_grad
-
-
-def _words(x: torch.Tensor):
-    """``x`` as a numpy array for the C++ ops: bfloat16 as 16-bit words (numpy has no bfloat16)."""
-    x = x.detach().contiguous()
-    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy()
 
 
 def norm_silu(x: torch.Tensor, norm: Norm, groups: int = 1, add: torch.Tensor | None = None,
@@ -233,29 +182,9 @@ def norm_silu(x: torch.Tensor, norm: Norm, groups: int = 1, add: torch.Tensor | 
             x = x + add_bias.to(x.dtype)
         y = F.silu(norm(x))
         return y if groups == 1 else y.reshape(-1, groups, c // groups).transpose(0, 1).contiguous()
-    out = _norm_silu_cpu(x.reshape(-1, c), ln.weight.detach().float(), ln.bias.detach().float(), float(ln.eps),
+    out = ops.norm_silu(x.reshape(-1, c), ln.weight.detach().float(), ln.bias.detach().float(), float(ln.eps),
                          groups, add, None if add_bias is None else add_bias.detach().float())
     return out.reshape(x.shape) if groups == 1 else out
-
-
-@torch.library.custom_op("fastdream::norm_silu", mutates_args=())
-def _norm_silu_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, groups: int,
-                   add: torch.Tensor | None, add_bias: torch.Tensor | None) -> torch.Tensor:
-    from fastdream import _ops
-
-    out = _ops.norm_silu(_words(x), weight.contiguous().numpy(), bias.contiguous().numpy(), eps,
-                         x.dtype == torch.bfloat16, torch.get_num_threads(), groups,
-                         None if add is None else _words(add),
-                         None if add_bias is None else add_bias.contiguous().numpy())
-    out = torch.from_numpy(out)
-    return out.view(torch.bfloat16) if x.dtype == torch.bfloat16 else out
-
-
-@_norm_silu_cpu.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, groups: int,
-      add: torch.Tensor | None, add_bias: torch.Tensor | None) -> torch.Tensor:
-    m, c = x.shape
-    return x.new_empty(m, c) if groups == 1 else x.new_empty(groups, m, c // groups)
 
 
 def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, copies: bool = False,
@@ -279,60 +208,15 @@ def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, c
     if _no_grad_cpu(y, bias, deter):
         if copies and y.dtype == torch.bfloat16:
             rows = y.new_empty(n, g * (k // 3)) if rows_out is None else rows_out
-            out, grouped = _gru_gate_into_cpu(y, bias.detach().float(), deter.float(), rows)
+            out, grouped = ops.gru_gate_into(y, bias.detach().float(), deter.float(), rows)
             return out, rows, grouped
-        out = _gru_gate_cpu(y, bias.detach().float(), deter.float())
+        out = ops.gru_gate(y, bias.detach().float(), deter.float())
     else:
         out = gru_gate_reference(y.transpose(0, 1).reshape(n, g * k) + bias, deter, g)
     if not copies:
         return out
     low = out.to(y.dtype) if rows_out is None else rows_out.copy_(out)
     return out, low, low.reshape(n, g, k // 3).transpose(0, 1).contiguous()
-
-
-@torch.library.custom_op("fastdream::gru_gate", mutates_args=())
-def _gru_gate_cpu(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
-    from fastdream import _ops
-
-    return torch.from_numpy(_ops.gru_gate(_words(y), bias.contiguous().numpy(), deter.detach().contiguous().numpy(),
-                                          y.dtype == torch.bfloat16, torch.get_num_threads()))
-
-
-@_gru_gate_cpu.register_fake
-def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
-    return deter.new_empty(deter.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("fastdream::gru_gate_into", mutates_args=("rows",))
-def _gru_gate_into_cpu(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, rows: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_gru_gate_cpu`` that also writes the new deter rounded to bf16 into ``rows [N, D]`` (contiguous: e.g. a step
-    of a compiled rollout's deter sequence, which inductor keeps in place) and returns it grouped ``[G, N, D/G]``."""
-    from fastdream import _ops
-
-    out, _, grouped = _ops.gru_gate(_words(y), bias.contiguous().numpy(), deter.detach().contiguous().numpy(), True,
-                                    torch.get_num_threads(), True, rows.view(torch.int16).numpy())
-    return torch.from_numpy(out), torch.from_numpy(grouped).view(torch.bfloat16)
-
-
-@_gru_gate_into_cpu.register_fake
-def _(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, rows: torch.Tensor
-      ) -> tuple[torch.Tensor, torch.Tensor]:
-    g, n, k = y.shape
-    return deter.new_empty(deter.shape, dtype=torch.float32), y.new_empty(g, n, k // 3)
-
-
-@torch.library.custom_op("fastdream::write_into", mutates_args=("out",))
-def write_into(src: torch.Tensor, out: torch.Tensor) -> None:
-    """``out.copy_(src)`` as one opaque op: a compiled graph's first write into a fresh (``torch.empty``) buffer,
-    e.g. step 0 of a stacked sequence whose other steps kernels write in place. As a plain copy inductor
-    wrote the whole buffer (the other steps from the uninitialised ``empty``): ~1.8 ms per N=4096 dream."""
-    out.copy_(src)
-
-
-@write_into.register_fake
-def _(src: torch.Tensor, out: torch.Tensor) -> None:
-    return None
 
 
 def onehot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -387,26 +271,11 @@ def gather_rows_backward(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> 
     """
     g = g.float()
     if g.device.type == "cpu":
-        return _gather_rows_backward_cpu(g, rows, num_rows)
+        return ops.gather_rows_backward(g, rows, num_rows)
     grad = torch.zeros(num_rows, g.shape[1], dtype=torch.float32, device=g.device)
     for s in range(rows.shape[1]):
         grad.index_add_(0, rows[:, s], g)
     return grad
-
-
-@torch.library.custom_op("fastdream::gather_rows_backward", mutates_args=())
-def _gather_rows_backward_cpu(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """The C++ kernel as a torch op, so a traced graph (torch.compile) keeps it as one opaque call."""
-    from fastdream import _ops
-
-    out = _ops.gather_rows_backward(g.detach().contiguous().numpy(), rows.contiguous().numpy(), num_rows,
-                                    torch.get_num_threads())
-    return torch.from_numpy(out)
-
-
-@_gather_rows_backward_cpu.register_fake
-def _(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return g.new_empty(num_rows, g.shape[1], dtype=torch.float32)
 
 
 def _embedding_sum(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -475,27 +344,9 @@ def onehot_norm_silu(x: torch.Tensor, weight: torch.Tensor, norm: Norm, index: t
     if dense is not None and dense.dtype != table.dtype:
         return norm_silu(onehot_linear(x, weight, index, classes), norm)
     # The kernel adds each latent's table offset (s·K) itself: no [M, S] rows tensor is written and read again.
-    out = _gather_norm_silu_cpu(dense, table, index.reshape(-1, groups), ln.weight.detach().float(),
+    out = ops.gather_norm_silu(dense, table, index.reshape(-1, groups), ln.weight.detach().float(),
                                 ln.bias.detach().float(), float(ln.eps), classes)
     return out.reshape(*index.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("fastdream::gather_norm_silu", mutates_args=())
-def _gather_norm_silu_cpu(dense: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
-                          bias: torch.Tensor, eps: float, classes: int = 0) -> torch.Tensor:
-    from fastdream import _ops
-
-    out = _ops.gather_norm_silu(None if dense is None else _words(dense), _words(table), rows.contiguous().numpy(),
-                                weight.contiguous().numpy(), bias.contiguous().numpy(), eps,
-                                table.dtype == torch.bfloat16, torch.get_num_threads(), classes)
-    out = torch.from_numpy(out)
-    return out.view(torch.bfloat16) if table.dtype == torch.bfloat16 else out
-
-
-@_gather_norm_silu_cpu.register_fake
-def _(dense: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-      eps: float, classes: int = 0) -> torch.Tensor:
-    return table.new_empty(rows.shape[0], table.shape[1])
 
 
 def norm_silu_cat(x: torch.Tensor, norm: Norm, table: torch.Tensor, index: torch.Tensor, classes: int,
@@ -510,33 +361,9 @@ def norm_silu_cat(x: torch.Tensor, norm: Norm, table: torch.Tensor, index: torch
     if not (same and _no_grad_cpu(x, table, rows_table, ln0.weight, ln0.bias, ln1.weight, ln1.bias)):
         gathered = _embedding_sum(table.t(), latent_rows(index, classes)).to(x.dtype)
         return torch.cat([norm_silu(x, norm), norm_silu(gathered, table_norm), rows_table[rows].to(x.dtype)], -1)
-    return _norm_silu_cat_cpu(x, ln0.weight.detach().float(), ln0.bias.detach().float(), float(ln0.eps), table,
+    return ops.norm_silu_cat(x, ln0.weight.detach().float(), ln0.bias.detach().float(), float(ln0.eps), table,
                               index, classes, ln1.weight.detach().float(), ln1.bias.detach().float(), float(ln1.eps),
                               rows_table, rows)
-
-
-@torch.library.custom_op("fastdream::norm_silu_cat", mutates_args=())
-def _norm_silu_cat_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, table: torch.Tensor,
-                       index: torch.Tensor, classes: int, table_weight: torch.Tensor, table_bias: torch.Tensor,
-                       table_eps: float, rows_table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    from fastdream import _ops
-
-    c0, c1 = x.shape[1], table.shape[1]
-    out = x.new_empty(x.shape[0], c0 + c1 + rows_table.shape[1])
-    words, bf16, threads = _words(out), x.dtype == torch.bfloat16, torch.get_num_threads()
-    _ops.norm_silu(_words(x), weight.contiguous().numpy(), bias.contiguous().numpy(), eps, bf16, threads,
-                   out=words[:, :c0])
-    _ops.gather_norm_silu(None, _words(table), index.contiguous().numpy(), table_weight.contiguous().numpy(),
-                          table_bias.contiguous().numpy(), table_eps, bf16, threads, classes, out=words[:, c0: c0 + c1])
-    _ops.take_rows(_words(rows_table), rows.contiguous().numpy(), words[:, c0 + c1:], bf16, threads)
-    return out
-
-
-@_norm_silu_cat_cpu.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, table: torch.Tensor,
-      index: torch.Tensor, classes: int, table_weight: torch.Tensor, table_bias: torch.Tensor,
-      table_eps: float, rows_table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], x.shape[1] + table.shape[1] + rows_table.shape[1])
 
 
 def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:

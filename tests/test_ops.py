@@ -495,7 +495,8 @@ def test_gru_gate_copies_are_the_new_deter_rounded_in_both_layouts(groups, dg):
 def test_norm_silu_cat_writes_each_part_as_its_own_op_and_falls_back_with_gradients(dtype):
     """The GRU-input op: ``[norm_silu(x) | gathered stoch layer | action rows]`` written in place equals the three
     ops' own results bit for bit, and the composed torch ops (used with gradients) within a rounding."""
-    from fastdream.nets import Norm, _gather_norm_silu_cpu, _norm_silu_cpu, norm_silu_cat, onehot_table
+    from fastdream import ops
+    from fastdream.nets import Norm, norm_silu_cat, onehot_table
 
     torch.manual_seed(0)
     n, s, k, c = 97, 6, 5, 48
@@ -511,8 +512,8 @@ def test_norm_silu_cat_writes_each_part_as_its_own_op_and_falls_back_with_gradie
         table = onehot_table(weight, s * k).to(dtype)
         got = norm_silu_cat(x, norm, table, index, k, table_norm, rows_table, rows)
         f = lambda t: t.detach().float()  # noqa: E731
-        parts = [_norm_silu_cpu(x, f(norm.ln.weight), f(norm.ln.bias), 1e-3, 1, None, None),
-                 _gather_norm_silu_cpu(None, table, index, f(table_norm.ln.weight), f(table_norm.ln.bias), 1e-3, k),
+        parts = [ops.norm_silu(x, f(norm.ln.weight), f(norm.ln.bias), 1e-3, 1, None, None),
+                 ops.gather_norm_silu(None, table, index, f(table_norm.ln.weight), f(table_norm.ln.bias), 1e-3, k),
                  rows_table[rows]]
     assert got.shape == (n, 2 * c + 32) and got.dtype == dtype
     assert torch.equal(got, torch.cat(parts, -1))
