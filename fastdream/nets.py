@@ -323,7 +323,8 @@ def onehot_table(weight: torch.Tensor, columns: int) -> torch.Tensor:
     """The gather table of a layer whose last ``columns`` inputs are one-hot: ``weight [O, I]``'s last columns
     as rows ``[columns, O]``, in the autocast dtype where autocast is on (the matmul's precision it stands for)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
-    return weight[:, weight.shape[1] - columns:].t().to(dtype, memory_format=torch.contiguous_format)
+    # Cast, then transpose: a transposing copy that also casts took ~1.4x as long ([256, 1024] fp32 -> bf16).
+    return weight[:, weight.shape[1] - columns:].to(dtype).t().contiguous()
 
 
 def onehot_norm_silu(x: torch.Tensor, weight: torch.Tensor, norm: Norm, index: torch.Tensor,
