@@ -14,11 +14,13 @@ BF16_RTOL = 2**-8 + 2e-4
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "dense", "groups", "classes", "out"),
-                         [(4099, 256, 32, 32, 256), (37, 0, 5, 7, 96), (33, 12, 3, 4, 272), (5, 6, 3, 4, 40)])
+                         [(4099, 256, 32, 32, 256), (37, 0, 5, 7, 96), (33, 12, 3, 4, 272), (5, 6, 3, 4, 40),
+                          (43, 20, 9, 6, 416)])
 def test_onehot_norm_silu_equals_the_gather_then_layer_norm_and_silu(dtype, rows, dense, groups, classes, out):
     """The fused C++ gather + LayerNorm + SiLU (no gradient) against float64 maths on the same (bf16-rounded)
-    operands: 256 columns sum in registers, 96 and 272 end in 16-lane remainders, 40 is the scalar path;
-    ``dense = 0`` is a layer on the one-hot stoch alone (the RSSM's stoch input)."""
+    operands: 256 columns sum in registers, 96 and 272 end in 16-lane remainders, 40 is the scalar path, 416 takes
+    the bf16 dot path's 256-, 128- and 32-column blocks in one row with an odd latent count (9: the paired sums'
+    tail); ``dense = 0`` is a layer on the one-hot stoch alone (the RSSM's stoch input)."""
     from fastdream.nets import Norm, onehot_norm_silu
 
     torch.manual_seed(0)
