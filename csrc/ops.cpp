@@ -119,6 +119,19 @@ int64_t checked_out(const py::array& out, bool bfloat16, int64_t m_count, int64_
   return m_count > 1 ? out.strides(0) / item : c_count;
 }
 
+// A caller's array to write into as it is: `dtype` exactly (a converting cast would write a copy, not the
+// caller's memory), C-contiguous, writable and of shape `shape`.
+void check_written_in_place(const py::array& a, const py::dtype& dtype, const std::vector<int64_t>& shape,
+                            const char* op, const char* name) {
+  if (!a.dtype().is(dtype))
+    throw py::type_error(std::string(op) + ": " + name + " dtype " + std::string(py::str(a.dtype())) + ", expected " +
+                         std::string(py::str(dtype)));
+  if (std::vector<int64_t>(a.shape(), a.shape() + a.ndim()) != shape || !(a.flags() & py::array::c_style) ||
+      !a.writeable())
+    throw py::value_error(std::string(op) + ": " + name + " " + shape_of(a) + " must be a writable C-contiguous " +
+                          fastdream::shape_str(shape));
+}
+
 // Checks a float32 vector of n elements.
 void check_vector(const py::array& a, int64_t n, const char* op, const char* name) {
   if (!a.dtype().is(py::dtype::of<float>()))
@@ -275,12 +288,7 @@ py::array_t<int64_t> unimix_index(const py::array& logits, const py::array& nois
                             std::to_string(k_count) + " (row m adds bias row m % P)");
     period = bias->shape(0) / k_count;
   }
-  if (out_arg && !out_arg->dtype().is(py::dtype::of<int64_t>()))  // a converting cast would write a copy
-    throw py::type_error("unimix_index: out dtype " + std::string(py::str(out_arg->dtype())) + ", expected int64");
-  if (out_arg && (out_arg->ndim() != 1 || out_arg->shape(0) != m_count || !(out_arg->flags() & py::array::c_style) ||
-                  !out_arg->writeable()))
-    throw py::value_error("unimix_index: out " + shape_of(*out_arg) + " must be a writable contiguous int64 [" +
-                          std::to_string(m_count) + "]");
+  if (out_arg) check_written_in_place(*out_arg, py::dtype::of<int64_t>(), {m_count}, "unimix_index", "out");
   py::array_t<int64_t> out = out_arg ? *out_arg : py::array_t<int64_t>(m_count);
   auto* o = static_cast<int64_t*>(out.mutable_data());
   const auto* u = static_cast<const float*>(noise.data());
@@ -549,9 +557,6 @@ void norm_silu_rows_bf16_avx512(const uint16_t* x, const float* w, const float* 
 // table load adds into the even and odd columns' sums by two dot products against (1, 0) and (0, 1) pairs,
 // 3 instructions per 32 columns instead of 5 (load, shift, mask, 2 adds). Exact: one product is x · 1,
 // the other 0, and the sum rounds to nearest even as an add does (denormal inputs flush to zero).
-// NP vectors of 32 columns per block: 8 (256 columns, a whole xs row) keeps 16 sums, enough independent dot
-// products per latent to cover their latency; fewer pair the latents into two sets of sums instead (the
-// 8-vector blocks: ~1-2 % of an xs gather). The block's table row kGatherAhead latents on is asked for.
 
 // NP vectors of 32 bfloat16 columns at src added into the even and odd columns' sums.
 template <int NP>
@@ -566,6 +571,9 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void add_row(const uint
   }
 }
 
+// NP vectors of 32 columns per block: 8 (256 columns, a whole xs row) keeps 16 sums, enough independent dot
+// products per latent to cover their latency; fewer pair the latents into two sets of sums instead (the
+// 8-vector blocks: ~1-2 % of an xs gather). The block's table row kGatherAhead latents on is asked for.
 template <int NP>
 FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void dot_block(const uint16_t* __restrict__ dense_row,
                                                                        const uint16_t* __restrict__ table,
@@ -1116,15 +1124,8 @@ py::object gru_gate(const py::array& y, const py::array& bias, const py::array& 
   GateCopies cp;
   if (copies) {
     if (!bfloat16) throw py::value_error("gru_gate: copies=True needs bfloat16 y (the copies are in y's dtype)");
-    if (rows_out) {  // the caller's array, e.g. one step of a stacked sequence
-      if (!rows_out->dtype().is(py::dtype::of<int16_t>()))  // a converting cast would write a copy
-        throw py::type_error("gru_gate: rows_out dtype " + std::string(py::str(rows_out->dtype())) +
-                             ", expected int16 (bfloat16 words)");
-      if (rows_out->ndim() != 2 || rows_out->shape(0) != n_count || rows_out->shape(1) != groups * dg ||
-          !(rows_out->flags() & py::array::c_style) || !rows_out->writeable())
-        throw py::value_error("gru_gate: rows_out " + shape_of(*rows_out) + " must be a writable C-contiguous [" +
-                              std::to_string(n_count) + ", " + std::to_string(groups * dg) + "]");
-    }
+    if (rows_out)  // the caller's array of bfloat16 words, e.g. one step of a stacked sequence
+      check_written_in_place(*rows_out, py::dtype::of<int16_t>(), {n_count, groups * dg}, "gru_gate", "rows_out");
     rows_copy = rows_out ? py::array_t<int16_t>(*rows_out) : py::array_t<int16_t>({n_count, groups * dg});
     grouped_copy = py::array_t<int16_t>({groups, n_count, dg});
     cp.rows = reinterpret_cast<uint16_t*>(rows_copy.mutable_data());
