@@ -104,11 +104,15 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
     index = class_index(stoch) if onehot else stoch.argmax(-1)
     deters, stochs, actions, indices = [deter], [stoch], [], [index]
     action_table = low = seqs = None
+    # The block GRU's first-layer weights as its matmuls read them, built once for the H steps (built per step, a
+    # compiled rollout re-permuted the shared part, a [3H, D] copy, every step).
+    weights = rssm.dynhid_weights() if step is None else None
     if onehot:
         deters[0] = autocast_input(deter)
         actor_table, stoch_table, action_table = tables if tables is not None else _gather_tables(world_model, actor)
         if step is None:
-            step = lambda m, *args, **kw: RSSM.img_step(m, *args, table=stoch_table, **kw)  # noqa: E731
+            step = lambda m, *args, **kw: RSSM.img_step(m, *args, table=stoch_table, weights=weights,  # noqa: E731
+                                                        **kw)
             if deters[0].dtype != deter.dtype:  # autocast: carry deter's low-precision copies (RSSM.img_step_low)
                 g, h = rssm.blocks, noise_stoch.shape[0]
                 seqs = (deters[0].new_empty(h + 1, *deters[0].shape), index.new_empty(h + 1, *index.shape))
@@ -117,7 +121,8 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
                 low = (seqs[0][0], deters[0].reshape(-1, g, rssm.deter // g).transpose(0, 1).contiguous())
         else:
             action_table = None  # another step function computes its own action input
-    step = step or RSSM.img_step
+    if step is None:
+        step = lambda m, *args, **kw: RSSM.img_step(m, *args, weights=weights, **kw)  # noqa: E731
     for t in range(noise_stoch.shape[0]):
         kw = {}
         if action_table is not None:  # a one-hot action's GRU input is a row of the action table
@@ -130,7 +135,8 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
             action = actor.sample_with_noise(rssm.feat(deter, stoch), noise_action[t])
         if low is not None:
             deter, low, stoch, _, index = rssm.img_step_low(deter, low, stoch, action, noise_stoch[t], index,
-                                                             stoch_table, out=(seqs[0][t + 1], seqs[1][t + 1]), **kw)
+                                                             stoch_table, out=(seqs[0][t + 1], seqs[1][t + 1]),
+                                                             weights=weights, **kw)
         else:
             deter, stoch, _, index = step(rssm, deter, stoch, action, noise_stoch[t], index if onehot else None, **kw)
         deters.append(low[0] if low is not None else autocast_input(deter) if onehot else deter)

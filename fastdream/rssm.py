@@ -155,13 +155,14 @@ class RSSM(nn.Module):
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
              index: torch.Tensor | None = None, table: torch.Tensor | None = None,
              action_in: ActionIn | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
-             copies: bool = False, rows_out: torch.Tensor | None = None
+             copies: bool = False, rows_out: torch.Tensor | None = None,
+             weights: tuple[torch.Tensor, torch.Tensor] | None = None
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]`` (``action_in``:
         ``action_input(action)`` known already, e.g. rows of ``action_table``; ``low``/``copies``: see
-        ``img_step_low``)."""
+        ``img_step_low``; ``weights``: ``dynhid_weights()`` built already)."""
         return self.gru_step(deter, stoch, self.action_input(action) if action_in is None else action_in, index,
-                             table=table, low=low, copies=copies, rows_out=rows_out)
+                             weights, table=table, low=low, copies=copies, rows_out=rows_out)
 
     def action_table(self, actions: int) -> torch.Tensor:
         """``action_input`` of each one-hot action ``[A, H]``: the GRU's action input of a one-hot action is row
@@ -184,18 +185,20 @@ class RSSM(nn.Module):
     # ---------------------------------------------------------------- steps
     def img_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
                  noise: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                 table: torch.Tensor | None = None, action_in: ActionIn | None = None
+                 table: torch.Tensor | None = None, action_in: ActionIn | None = None,
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One imagined step from the prior: ``(deter, stoch, prior_logits, index [N, S])``, ``index``
         the classes of the new ``stoch`` sample (the given ``index`` and ``table``: see ``gru_input``;
-        ``action_in``: see ``core``)."""
-        deter = self.core(deter, stoch, action, index, table, action_in)
+        ``action_in``, ``weights``: see ``core``)."""
+        deter = self.core(deter, stoch, action, index, table, action_in, weights=weights)
         return (deter, *self.prior_draw(deter, noise))
 
     def img_step_low(self, deter: torch.Tensor, low: tuple[torch.Tensor, torch.Tensor], stoch: torch.Tensor,
                      action: torch.Tensor, noise: torch.Tensor | None = None, index: torch.Tensor | None = None,
                      table: torch.Tensor | None = None, action_in: ActionIn | None = None,
-                     out: tuple[torch.Tensor, torch.Tensor] | None = None
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     weights: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
         """``img_step`` carrying ``low``: deter in the matmuls' (autocast) dtype as they read it, ``[N, D]`` and
@@ -205,7 +208,7 @@ class RSSM(nn.Module):
         copy and the drawn ``index`` are written into, and returned as."""
         rows_out, index_out = out if out is not None else (None, None)
         deter, rows, grouped = self.core(deter, stoch, action, index, table, action_in, low, copies=True,
-                                         rows_out=rows_out)
+                                         rows_out=rows_out, weights=weights)
         return (deter, (rows, grouped), *self.prior_draw(deter, noise, rows, index_out))
 
     def prior_draw(self, deter: torch.Tensor, noise: torch.Tensor | None = None,
