@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -103,7 +104,7 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
     rssm = world_model.rssm
     index = class_index(stoch) if onehot else stoch.argmax(-1)
     deters, stochs, actions, indices = [deter], [stoch], [], [index]
-    action_table = low = seqs = None
+    action_table = low = seqs = stoch_table = None
     # The block GRU's first-layer weights as its matmuls read them, built once for the H steps (built per step, a
     # compiled rollout re-permuted the shared part, a [3H, D] copy, every step).
     weights = rssm.dynhid_weights() if step is None else None
@@ -111,8 +112,6 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
         deters[0] = autocast_input(deter)
         actor_table, stoch_table, action_table = tables if tables is not None else _gather_tables(world_model, actor)
         if step is None:
-            step = lambda m, *args, **kw: RSSM.img_step(m, *args, table=stoch_table, weights=weights,  # noqa: E731
-                                                        **kw)
             if deters[0].dtype != deter.dtype:  # autocast: carry deter's low-precision copies (RSSM.img_step_low)
                 g, h = rssm.blocks, noise_stoch.shape[0]
                 seqs = (deters[0].new_empty(h + 1, *deters[0].shape), index.new_empty(h + 1, *index.shape))
@@ -122,7 +121,7 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
         else:
             action_table = None  # another step function computes its own action input
     if step is None:
-        step = lambda m, *args, **kw: RSSM.img_step(m, *args, weights=weights, **kw)  # noqa: E731
+        step = partial(RSSM.img_step, table=stoch_table, weights=weights)
     for t in range(noise_stoch.shape[0]):
         kw = {}
         if action_table is not None:  # a one-hot action's GRU input is a row of the action table
