@@ -706,58 +706,93 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 exp_nonpositive(
   return _mm512_scalef_ps(p, t);
 }
 
+// One 16-row tile's logits (plus bias) into buf [K, 16] as floats, class-major; returns their max per row.
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline __m512 tile_logits(const uint16_t* src, const float* bt,
+                                                                           float* buf, int64_t k_count) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t dwords = k_count / 2;
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t d0 = 0; d0 < dwords; d0 += kLanes) {
+    const int64_t nd = std::min<int64_t>(kLanes, dwords - d0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << nd) - 1);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi32(mask, src + i * k_count + 2 * d0);
+    transpose16_dwords(r);
+    for (int64_t j = 0; j < nd; ++j) {
+      const int64_t k = 2 * (d0 + j);
+      __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(r[j], 16));
+      __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(r[j], high));
+      if (bt) {
+        even = _mm512_add_ps(even, _mm512_loadu_ps(bt + k * kLanes));
+        odd = _mm512_add_ps(odd, _mm512_loadu_ps(bt + (k + 1) * kLanes));
+      }
+      top = _mm512_max_ps(top, _mm512_max_ps(even, odd));
+      _mm512_storeu_ps(buf + k * kLanes, even);
+      _mm512_storeu_ps(buf + (k + 1) * kLanes, odd);
+    }
+  }
+  return top;
+}
+
+// T consecutive tiles from `tile`: each stage (logits, exps and their sum, the running CDF) runs across the T tiles,
+// so one tile's chains (the max, the sum, the CDF: K dependent steps each) overlap the other's arithmetic.
+template <int T>
+FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void draw_tiles(const uint16_t* logits, const float* noise,
+                                                                        int64_t* out, int64_t tile, int64_t tile1,
+                                                                        int64_t k_count, float unimix, const float* levels,
+                                                                        const float* bias_t, int64_t period, float* buf) {
+  const int64_t g = std::gcd<int64_t>(period, kLanes);  // transposed_bias's slot = phase / g
+  __m512 top[T], total[T], scale[T], cdf[T];
+  __m512i count[T];
+  for (int i = 0; i < T; ++i) {
+    const int64_t row0 = (tile + i) * kLanes;
+    const uint16_t* src = logits + row0 * k_count;
+    if (tile + i + kPrefetchRows < tile1) prefetch(src + kPrefetchRows * kLanes * k_count, kLanes * k_count);
+    const float* bt = bias_t ? bias_t + row0 % period / g * k_count * kLanes : nullptr;
+    top[i] = tile_logits(src, bt, buf + i * k_count * kLanes, k_count);
+    total[i] = cdf[i] = _mm512_setzero_ps();
+    count[i] = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < k_count; ++k)
+#pragma GCC unroll 4
+    for (int i = 0; i < T; ++i) {
+      float* at = buf + (i * k_count + k) * kLanes;
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(at), top[i]));
+      _mm512_storeu_ps(at, e);
+      total[i] = _mm512_add_ps(total[i], e);
+    }
+  // index = #{k : cdf_k < u}, cdf_k = (1 - unimix) Σ_{j<=k} e_j / Σ e + unimix (k + 1) / K: as the portable path.
+  for (int i = 0; i < T; ++i) scale[i] = _mm512_div_ps(_mm512_set1_ps(1.0f - unimix), total[i]);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t k = 0; k < k_count; ++k) {
+    const __m512 level = _mm512_set1_ps(levels[k]);
+#pragma GCC unroll 4
+    for (int i = 0; i < T; ++i) {
+      cdf[i] = _mm512_add_ps(cdf[i], _mm512_loadu_ps(buf + (i * k_count + k) * kLanes));
+      const __m512 u = _mm512_loadu_ps(noise + (tile + i) * kLanes);
+      const __mmask16 below = _mm512_cmp_ps_mask(_mm512_fmadd_ps(cdf[i], scale[i], level), u, _CMP_LT_OQ);
+      count[i] = _mm512_mask_add_epi32(count[i], below, count[i], one);
+    }
+  }
+  for (int i = 0; i < T; ++i) {
+    const __m512i c = _mm512_min_epi32(count[i], _mm512_set1_epi32(static_cast<int>(k_count - 1)));
+    int64_t* dst = out + (tile + i) * kLanes;
+    _mm512_storeu_si512(dst, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(c)));
+    _mm512_storeu_si512(dst + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(c, 1)));
+  }
+}
+
 FASTDREAM_BF16_DOT
 void unimix_index_tiles_bf16_avx512(const uint16_t* logits, const float* noise, int64_t* out, int64_t tile0,
                                     int64_t tile1, int64_t k_count, float unimix, const float* bias_t, int64_t period) {
-  const int64_t dwords = k_count / 2, g = std::gcd<int64_t>(period, kLanes);  // transposed_bias's slot = phase / g
-  std::vector<float> buf(static_cast<size_t>(k_count * kLanes));
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t tile = tile0; tile < tile1; ++tile) {
-    const int64_t row0 = tile * kLanes;
-    const uint16_t* src = logits + row0 * k_count;
-    if (tile + kPrefetchRows < tile1) prefetch(src + kPrefetchRows * kLanes * k_count, kLanes * k_count);
-    const float* bt = bias_t ? bias_t + row0 % period / g * k_count * kLanes : nullptr;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t d0 = 0; d0 < dwords; d0 += kLanes) {
-      const int64_t nd = std::min<int64_t>(kLanes, dwords - d0);
-      const __mmask16 mask = static_cast<__mmask16>((1u << nd) - 1);
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi32(mask, src + i * k_count + 2 * d0);
-      transpose16_dwords(r);
-      for (int64_t j = 0; j < nd; ++j) {
-        const int64_t k = 2 * (d0 + j);
-        __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(r[j], 16));
-        __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(r[j], high));
-        if (bt) {
-          even = _mm512_add_ps(even, _mm512_loadu_ps(bt + k * kLanes));
-          odd = _mm512_add_ps(odd, _mm512_loadu_ps(bt + (k + 1) * kLanes));
-        }
-        top = _mm512_max_ps(top, _mm512_max_ps(even, odd));
-        _mm512_storeu_ps(buf.data() + k * kLanes, even);
-        _mm512_storeu_ps(buf.data() + (k + 1) * kLanes, odd);
-      }
-    }
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t k = 0; k < k_count; ++k) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(buf.data() + k * kLanes), top));
-      _mm512_storeu_ps(buf.data() + k * kLanes, e);
-      total = _mm512_add_ps(total, e);
-    }
-    // index = #{k : cdf_k < u}, cdf_k = (1 - unimix) Σ_{j<=k} e_j / Σ e + unimix (k + 1) / K: as the portable path.
-    const __m512 scale = _mm512_div_ps(_mm512_set1_ps(1.0f - unimix), total), u = _mm512_loadu_ps(noise + row0);
-    __m512 cdf = _mm512_setzero_ps();
-    __m512i count = _mm512_setzero_si512();
-    const __m512i one = _mm512_set1_epi32(1);
-    for (int64_t k = 0; k < k_count; ++k) {
-      cdf = _mm512_add_ps(cdf, _mm512_loadu_ps(buf.data() + k * kLanes));
-      const __m512 level = _mm512_set1_ps(unimix * static_cast<float>(k + 1) / static_cast<float>(k_count));
-      const __mmask16 below = _mm512_cmp_ps_mask(_mm512_fmadd_ps(cdf, scale, level), u, _CMP_LT_OQ);
-      count = _mm512_mask_add_epi32(count, below, count, one);
-    }
-    count = _mm512_min_epi32(count, _mm512_set1_epi32(static_cast<int>(k_count - 1)));
-    _mm512_storeu_si512(out + row0, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(count)));
-    _mm512_storeu_si512(out + row0 + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(count, 1)));
-  }
+  constexpr int kTiles = 2;
+  std::vector<float> buf(static_cast<size_t>(kTiles * k_count * kLanes)), levels(static_cast<size_t>(k_count));
+  for (int64_t k = 0; k < k_count; ++k) levels[k] = unimix * static_cast<float>(k + 1) / static_cast<float>(k_count);
+  int64_t tile = tile0;
+  for (; tile + kTiles <= tile1; tile += kTiles)
+    draw_tiles<kTiles>(logits, noise, out, tile, tile1, k_count, unimix, levels.data(), bias_t, period, buf.data());
+  for (; tile < tile1; ++tile)
+    draw_tiles<1>(logits, noise, out, tile, tile1, k_count, unimix, levels.data(), bias_t, period, buf.data());
 }
 
 // gru_gate_rows (below) for bfloat16 y with D/G a multiple of 16.
