@@ -1227,39 +1227,66 @@ py::object gru_gate(const py::array& y, const py::array& bias, const py::array& 
 // results. Rows go 16 columns at a time; the last partial block is padded with -inf logits (exp gives ~0).
 __attribute__((always_inline)) inline float symexp(float x) { return std::copysign(std::expm1(std::fabs(x)), x); }
 
+constexpr int kDecodeRows = 4;
+
+// R rows from m0 (buf: R padded rows), each stage (logits, max, sums) across the R rows so one row's reduction
+// chains overlap the others' arithmetic, as norm_silu_block_bf16's.
+template <int R, typename T>
+__attribute__((always_inline)) inline void twohot_decode_block(const T* __restrict__ logits, float* __restrict__ out,
+                                                               int64_t m0, int64_t row1, int64_t k_count,
+                                                               float* __restrict__ buf,
+                                                               const float* __restrict__ padded_bins,
+                                                               const float* __restrict__ padded_bias) {
+  const int64_t full = k_count / kLanes * kLanes, padded = (k_count + kLanes - 1) / kLanes * kLanes;
+  Floats high[R], total[R], weighted[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t m = m0 + r;
+    if (m + kPrefetchRows < row1) prefetch(logits + (m + kPrefetchRows) * k_count, k_count);
+    const T* row = logits + m * k_count;
+    float* row_buf = buf + r * padded;
+    for (int64_t k = 0; k < full; k += kLanes) store_lanes(row_buf + k, load_row(row + k) + load_lanes(padded_bias + k));
+    for (int64_t k = full; k < padded; ++k) row_buf[k] = k < k_count ? load_float(row, k) + padded_bias[k] : -INFINITY;
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float* row_buf = buf + r * padded;
+    Floats top = load_lanes(row_buf);
+    for (int64_t k = kLanes; k < padded; k += kLanes) {
+      const Floats v = load_lanes(row_buf + k);
+      top = v > top ? v : top;
+    }
+    high[r] = Floats{} + lane_max(top);
+  }
+  for (int r = 0; r < R; ++r) total[r] = weighted[r] = Floats{};
+  for (int64_t k = 0; k < padded; k += kLanes) {
+    const Floats bins = load_lanes(padded_bins + k);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const Floats e = exp_clamped(load_lanes(buf + r * padded + k) - high[r]);
+      total[r] += e;
+      weighted[r] += e * bins;
+    }
+  }
+  for (int r = 0; r < R; ++r) out[m0 + r] = symexp(lane_sum(weighted[r]) / lane_sum(total[r]));
+}
+
 template <typename T>
 __attribute__((always_inline)) inline void twohot_decode_rows(const T* __restrict__ logits, float* __restrict__ out,
                                                               int64_t row0, int64_t row1, int64_t k_count,
                                                               float* __restrict__ buf,
                                                               const float* __restrict__ padded_bins,
                                                               const float* __restrict__ padded_bias) {
-  const int64_t full = k_count / kLanes * kLanes, padded = (k_count + kLanes - 1) / kLanes * kLanes;
-  for (int64_t m = row0; m < row1; ++m) {
-    if (m + kPrefetchRows < row1) prefetch(logits + (m + kPrefetchRows) * k_count, k_count);
-    const T* row = logits + m * k_count;
-    for (int64_t k = 0; k < full; k += kLanes) store_lanes(buf + k, load_row(row + k) + load_lanes(padded_bias + k));
-    for (int64_t k = full; k < padded; ++k) buf[k] = k < k_count ? load_float(row, k) + padded_bias[k] : -INFINITY;
-    Floats top = load_lanes(buf);
-    for (int64_t k = kLanes; k < padded; k += kLanes) {
-      const Floats v = load_lanes(buf + k);
-      top = v > top ? v : top;
-    }
-    const Floats high = Floats{} + lane_max(top);
-    Floats total = {}, weighted = {};
-    for (int64_t k = 0; k < padded; k += kLanes) {
-      const Floats e = exp_clamped(load_lanes(buf + k) - high);
-      total += e;
-      weighted += e * load_lanes(padded_bins + k);
-    }
-    out[m] = symexp(lane_sum(weighted) / lane_sum(total));
-  }
+  int64_t m = row0;
+  for (; m + kDecodeRows <= row1; m += kDecodeRows)
+    twohot_decode_block<kDecodeRows>(logits, out, m, row1, k_count, buf, padded_bins, padded_bias);
+  for (; m < row1; ++m) twohot_decode_block<1>(logits, out, m, row1, k_count, buf, padded_bins, padded_bias);
 }
 
 template <typename T>
 __attribute__((always_inline)) inline void twohot_decode_range(const T* logits, const float* bins, const float* bias,
                                                                float* out, int64_t row0, int64_t row1, int64_t k_count) {
   const int64_t padded = (k_count + kLanes - 1) / kLanes * kLanes;
-  std::vector<float> buf(static_cast<size_t>(padded)), padded_bins(static_cast<size_t>(padded), 0.0f),
+  std::vector<float> buf(static_cast<size_t>(kDecodeRows * padded)), padded_bins(static_cast<size_t>(padded), 0.0f),
       padded_bias(static_cast<size_t>(padded), 0.0f);
   std::copy(bins, bins + k_count, padded_bins.begin());
   if (bias) std::copy(bias, bias + k_count, padded_bias.begin());
