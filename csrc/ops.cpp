@@ -775,9 +775,9 @@ template <int T>
 FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void draw_tiles(const uint16_t* logits, const float* noise,
                                                                         int64_t* out, int64_t tile, int64_t tile1,
                                                                         int64_t k_count, float unimix, const float* levels,
-                                                                        const float* bias_t, int64_t period, float* buf) {
-  const int64_t g = std::gcd<int64_t>(period, kLanes);  // transposed_bias's slot = phase / g
-  __m512 top[T], total[T], scale[T], cdf[T];
+                                                                        const float* bias_t, int64_t period, int64_t g,
+                                                                        float* buf) {
+  __m512 top[T], total[T], scale[T], cdf[T], u[T];
   __m512i count[T];
   for (int i = 0; i < T; ++i) {
     const int64_t row0 = (tile + i) * kLanes;
@@ -787,6 +787,7 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void draw_tiles(const u
     top[i] = tile_logits(src, bt, buf + i * k_count * kLanes, k_count);
     total[i] = cdf[i] = _mm512_setzero_ps();
     count[i] = _mm512_setzero_si512();
+    u[i] = _mm512_loadu_ps(noise + row0);
   }
   for (int64_t k = 0; k < k_count; ++k)
 #pragma GCC unroll 4
@@ -804,8 +805,7 @@ FASTDREAM_BF16_DOT __attribute__((always_inline)) inline void draw_tiles(const u
 #pragma GCC unroll 4
     for (int i = 0; i < T; ++i) {
       cdf[i] = _mm512_add_ps(cdf[i], _mm512_loadu_ps(buf + (i * k_count + k) * kLanes));
-      const __m512 u = _mm512_loadu_ps(noise + (tile + i) * kLanes);
-      const __mmask16 below = _mm512_cmp_ps_mask(_mm512_fmadd_ps(cdf[i], scale[i], level), u, _CMP_LT_OQ);
+      const __mmask16 below = _mm512_cmp_ps_mask(_mm512_fmadd_ps(cdf[i], scale[i], level), u[i], _CMP_LT_OQ);
       count[i] = _mm512_mask_add_epi32(count[i], below, count[i], one);
     }
   }
@@ -821,13 +821,14 @@ FASTDREAM_BF16_DOT
 void unimix_index_tiles_bf16_avx512(const uint16_t* logits, const float* noise, int64_t* out, int64_t tile0,
                                     int64_t tile1, int64_t k_count, float unimix, const float* bias_t, int64_t period) {
   constexpr int kTiles = 2;
+  const int64_t g = std::gcd<int64_t>(period, kLanes);  // transposed_bias's slot = phase / g
   std::vector<float> buf(static_cast<size_t>(kTiles * k_count * kLanes)), levels(static_cast<size_t>(k_count));
   for (int64_t k = 0; k < k_count; ++k) levels[k] = unimix * static_cast<float>(k + 1) / static_cast<float>(k_count);
   int64_t tile = tile0;
   for (; tile + kTiles <= tile1; tile += kTiles)
-    draw_tiles<kTiles>(logits, noise, out, tile, tile1, k_count, unimix, levels.data(), bias_t, period, buf.data());
+    draw_tiles<kTiles>(logits, noise, out, tile, tile1, k_count, unimix, levels.data(), bias_t, period, g, buf.data());
   for (; tile < tile1; ++tile)
-    draw_tiles<1>(logits, noise, out, tile, tile1, k_count, unimix, levels.data(), bias_t, period, buf.data());
+    draw_tiles<1>(logits, noise, out, tile, tile1, k_count, unimix, levels.data(), bias_t, period, g, buf.data());
 }
 
 // gru_gate_rows (below) for bfloat16 y with D/G a multiple of 16.
