@@ -4,6 +4,6 @@ import warnings
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 warnings.filterwarnings("ignore", module="gymnasium")
 
-from fastdream.runtime import keep_freed_memory  # noqa: E402  (after the thread setting, as the CLI does)
+from fastdream.fast.runtime import keep_freed_memory  # noqa: E402  (after the thread setting, as the CLI does)
 
 keep_freed_memory()

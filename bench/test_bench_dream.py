@@ -1,4 +1,4 @@
-"""Imagined state-steps/s: N in {1024, 4096, 16384}, H = 15, sizes tiny and xs; eager vs compile,
+"""Imagined state-steps/s: N in {1024, 4096, 16384}, H = 15, sizes tiny and xs; kernels vs compile,
 fp32 vs bf16, next to plain-matmul throughput; the prior draw (``unimix_index``); the no-grad C++ ops
 (``norm_silu``, ``gru_gate_grouped``, ``twohot_decode``) against inductor; the gathered layers'
 weight gradient; and the full xs train step."""
@@ -30,12 +30,12 @@ def _measure(benchmark, case):
 @pytest.mark.parametrize("size, n", CASES)
 def test_dream_rollout(benchmark, size, n):
     # Smoke mode: the same code path on a tiny shape, no compile.
-    _measure(benchmark, dream_case("tiny", 64, horizon=3, engines=("eager",)) if benchmark.disabled
+    _measure(benchmark, dream_case("tiny", 64, horizon=3, engines=("kernels",)) if benchmark.disabled
              else dream_case(size, n))
 
 
 def test_train_step(benchmark):
-    _measure(benchmark, train_case("tiny", batch_size=2, seq_len=8, horizon=3, setups=(("eager", "fp32"),))
+    _measure(benchmark, train_case("tiny", batch_size=2, seq_len=8, horizon=3, setups=(("kernels", "fp32"),))
              if benchmark.disabled else train_case("xs"))
 
 

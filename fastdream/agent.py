@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastdream.behavior import Behavior
-from fastdream.dream import HorizonSchedule, imagine
-from fastdream.world_model import WorldModel
+from fastdream.dream.rollout import imagine
+from fastdream.dream.schedule import HorizonSchedule
+from fastdream.model.behavior import Behavior
+from fastdream.model.world_model import WorldModel
 
 
 @dataclass
@@ -42,16 +43,17 @@ class Agent(torch.nn.Module):
     def __init__(self, world_model: WorldModel, behavior: Behavior, num_envs: int, horizon: int = 15,
                  discrete: bool = True, wm_opt: OptimConfig | None = None, actor_opt: OptimConfig | None = None,
                  critic_opt: OptimConfig | None = None, seed: int = 0, precision: str = "fp32",
-                 dream_starts: int = 0, engine: str = "eager", schedule: HorizonSchedule | None = None) -> None:
+                 dream_starts: int = 0, engine: str = "auto", schedule: HorizonSchedule | None = None,
+                 compile_model: bool = False) -> None:
         super().__init__()
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
         self.dream_starts = dream_starts  # 0: dream from every posterior state of the batch
         self.engine = engine
-        # The compile engines also compile the world model's posterior steps and image nets (see
-        # WorldModel.loss) and the behaviour's critic passes (see Behavior.losses), besides the dream.
-        self.compiled = engine in ("compile", "auto")
+        # Compiled graphs for the world model's posterior steps and image nets (WorldModel.loss) and the critics'
+        # passes (Behavior.losses), whatever the dream engine.
+        self.compiled = compile_model
         self.schedule = schedule or HorizonSchedule("fixed", horizon=horizon)
         self.wm, self.behavior = world_model, behavior
         self.horizon, self.discrete, self.num_envs = horizon, discrete, num_envs

@@ -80,7 +80,7 @@ def replay_case(kind: str, batch_size: int = 16, seq_len: int = 64, num_envs: in
                 rows_per_env: int = 2000) -> Case:
     """Sample ``[B, T]`` pixel or vector rows: ReplayBuffer vs the tests' list-of-rows numpy reference,
     a vectorised numpy gather (fancy indexing into the same storage), and a plain memcpy of the bytes."""
-    from fastdream.replay import ReplayBuffer
+    from fastdream.data.replay import ReplayBuffer
 
     spec: dict[str, tuple[tuple[int, ...], str]] = {
         "action": ((2,), "float32"), "reward": ((), "float32"),
@@ -121,7 +121,7 @@ def replay_case(kind: str, batch_size: int = 16, seq_len: int = 64, num_envs: in
         for n, st in storages.items():
             out[n][...] = st[env[:, None], idx]
 
-    from fastdream.replay_reference import NumpyReplay
+    from fastdream.data.replay_reference import NumpyReplay
 
     ref = NumpyReplay(num_envs * rows_per_env, num_envs, spec)
     for e in range(num_envs):  # the same rows, held as the tests' oracle holds them
@@ -158,9 +158,9 @@ def env_case(env_id: str = "CartPole-v1", num_envs: int = 64, steps: int = 50) -
     import envpool
     import gymnasium as gym
 
-    from fastdream.collector import Collector, RandomPolicy
-    from fastdream.envs import make_env
-    from fastdream.replay import ReplayBuffer
+    from fastdream.data.collector import Collector, RandomPolicy
+    from fastdream.data.envs import make_env
+    from fastdream.data.replay import ReplayBuffer
 
     warnings.filterwarnings("ignore", module="gymnasium")
     rng = np.random.default_rng(0)
@@ -222,7 +222,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------- dreams and the train step
 def _size_dims(size: str) -> dict[str, int]:
-    from fastdream.config import SIZES
+    from fastdream.run.config import SIZES
 
     d = SIZES[size]
     return {"deter": d["model.deter"], "hidden": d["model.hidden"], "units": d["model.units"],
@@ -279,17 +279,17 @@ def replay_matmuls(calls: list[tuple[Any, list[tuple[int, ...]], Any]]) -> Calla
     return run
 
 
-def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tuple[str, ...] = ("eager", "compile"),
+def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tuple[str, ...] = ("kernels", "compile"),
                precisions: tuple[str, ...] = ("fp32", "bf16")) -> Case:
     """Imagined state-steps/s of a no-grad discrete-action dream (rollout + reward/continue/policy
     heads: ``dream.imagine``), per engine and precision, next to the same dream's matmuls alone
-    (recorded from the eager run and replayed: same shapes, dtype and count) as the physical limit.
+    (recorded from the kernels run and replayed: same shapes, dtype and count) as the physical limit.
     Gathers of one-hot stoch rows are not matmuls and count as zero FLOPs."""
     import torch
 
-    from fastdream.behavior import Actor
-    from fastdream.dream import draw_noise, imagine
-    from fastdream.world_model import WorldModel
+    from fastdream.dream.rollout import draw_noise, imagine
+    from fastdream.model.behavior import Actor
+    from fastdream.model.world_model import WorldModel
 
     dims = _size_dims(size)
     torch.manual_seed(0)
@@ -309,14 +309,15 @@ def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tupl
         return fn
 
     variants = [Variant(f"{e}_{p}", make(e, p), n * horizon) for e in engines for p in precisions]
-    # The plain reference loop: eager, fp32, dense matmuls on the one-hot stoch (no gathers).
-    variants.insert(0, Variant(f"eager_{precisions[0]}_dense", make("eager", precisions[0], False), n * horizon))
+    # The reference loop: step by step, fp32, dense matmuls on the one-hot stoch (no gathers), C++ kernels where no
+    # gradient is needed.
+    variants.insert(0, Variant(f"kernels_{precisions[0]}_dense", make("kernels", precisions[0], False), n * horizon))
     params: dict[str, Any] = {"size": size, "n": n, "horizon": horizon}
     for p in precisions:
-        calls = record_matmuls(make("eager", p))
+        calls = record_matmuls(make("kernels", p))
         params[f"gflop_per_dream_{p}"] = round(matmul_flops(calls) / 1e9, 3)
         variants.append(Variant(f"matmuls_only_{p}", replay_matmuls(calls), n * horizon))
-    base = f"eager_{precisions[0]}"
+    base = f"kernels_{precisions[0]}"
     ratios = [(f"{e}_{p}", f"{base}_dense") for e in engines for p in precisions]
     ratios += [(f"{e}_{p}", base) for e in engines for p in precisions if f"{e}_{p}" != base]
     ratios += [(f"{e}_{p}", f"matmuls_only_{p}") for e in engines for p in precisions]
@@ -324,14 +325,15 @@ def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tupl
 
 
 def train_case(size: str = "xs", batch_size: int = 16, seq_len: int = 64, horizon: int = 15,
-               setups: tuple[tuple[str, str], ...] = (("eager", "fp32"), ("compile", "bf16"))) -> Case:
+               setups: tuple[tuple[str, str], ...] = (("kernels", "fp32"), ("compile", "bf16"))) -> Case:
     """Full train step (world model + dreams from all B*T states + actor-critic) updates/s, per
-    (engine, precision) setup, next to the world-model-only update."""
+    (engine, precision) setup, next to the world-model-only update; the compile engine's setup also compiles the
+    world model and the critics (``compile_model``)."""
     import torch
 
     from fastdream.agent import Agent
-    from fastdream.behavior import Behavior
-    from fastdream.world_model import WorldModel
+    from fastdream.model.behavior import Behavior
+    from fastdream.model.world_model import WorldModel
 
     dims = _size_dims(size)
     B, T = batch_size, seq_len
@@ -345,13 +347,14 @@ def train_case(size: str = "xs", batch_size: int = 16, seq_len: int = 64, horizo
         wm = WorldModel(8, False, 4, deter=dims["deter"], hidden=dims["hidden"], stoch=32,
                         classes=dims["classes"], units=dims["units"])
         beh = Behavior(wm.rssm.feat_dim, 4, True, units=dims["units"], layers=2)
-        return Agent(wm, beh, num_envs=1, horizon=horizon, discrete=True, precision=precision, engine=engine)
+        return Agent(wm, beh, num_envs=1, horizon=horizon, discrete=True, precision=precision, engine=engine,
+                     compile_model=engine == "compile")
 
     variants = []
     for engine, precision in setups:
         agent = make_agent(engine, precision)
         variants.append(Variant(f"full_{engine}_{precision}", lambda a=agent: a.train_step(batch), 1))
-    wm_agent = make_agent("eager", "fp32")
+    wm_agent = make_agent("kernels", "fp32")
     variants.append(Variant("world_model_only", lambda: wm_agent.train_step(batch, train_behavior=False), 1))
     first = variants[0].name
     return Case(name=f"train_step_{size}", params={"size": size, "batch_size": B, "seq_len": T, "horizon": horizon},
@@ -364,7 +367,7 @@ def gather_backward_case(m: int = 16384, latents: int = 32, classes: int = 32, w
     CPU) in gradient rows/s, next to one torch ``index_add_`` per latent (the previous implementation)."""
     import torch
 
-    from fastdream.nets import gather_rows_backward
+    from fastdream.model.nets import gather_rows_backward
 
     torch.manual_seed(0)
     g = torch.randn(m, width)
@@ -389,8 +392,9 @@ def unimix_index_case(n: int = 4096, latents: int = 32, classes: int = 32) -> Ca
     ``unimix_index`` next to the same maths in torch ops (softmax, unimix, cumsum, count) eager and compiled."""
     import torch
 
-    from fastdream import runtime
-    from fastdream.nets import inverse_cdf_index, unimix_index, unimix_probs
+    from fastdream.fast import runtime
+    from fastdream.model.maths import inverse_cdf_index, unimix_probs
+    from fastdream.model.nets import unimix_index
 
     torch.manual_seed(0)
     logits = torch.randn(n * latents, classes).bfloat16()
@@ -418,18 +422,10 @@ def dream_ops_case(n: int = 4096, units: int = 256, groups: int = 8, horizon: in
     import torch
     import torch.nn.functional as F
 
-    from fastdream import runtime
+    from fastdream.fast import runtime
     from fastdream.kernels.reference import gru_gate_reference
-    from fastdream.nets import (
-        Norm,
-        gru_gate_grouped,
-        norm_silu,
-        onehot_linear,
-        onehot_norm_silu,
-        symexp,
-        twohot_bins,
-        twohot_decode,
-    )
+    from fastdream.model.maths import symexp, twohot_bins
+    from fastdream.model.nets import Norm, gru_gate_grouped, norm_silu, onehot_linear, onehot_norm_silu, twohot_decode
 
     torch.manual_seed(0)
     norm = Norm(units)

@@ -8,6 +8,8 @@ import sys
 import time
 import warnings
 
+from fastdream.dream.engines import ENGINES
+
 
 class CliError(Exception):
     """A user error: printed as one line, exit code 2, no traceback."""
@@ -16,9 +18,9 @@ class CliError(Exception):
 def _cmd_collect(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from fastdream.collector import Collector, RandomPolicy
-    from fastdream.envs import make_env
-    from fastdream.replay import ReplayBuffer
+    from fastdream.data.collector import Collector, RandomPolicy
+    from fastdream.data.envs import make_env
+    from fastdream.data.replay import ReplayBuffer
 
     try:
         env = make_env(args.env, args.envs, seed=args.seed, obs=args.obs)
@@ -55,7 +57,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 def _presets(given: list[str], env_id: str, obs: str | None) -> list[str]:
     """The presets to apply, in order: every ``--preset`` (each comma-separated), after the env's task
     preset unless a task preset is among them (so ``--preset xs`` on LunarLander keeps its task settings)."""
-    from fastdream.config import TASKS
+    from fastdream.run.config import TASKS
 
     presets = [p.strip() for item in given for p in item.split(",") if p.strip()]
     if not any(p in TASKS for p in presets):
@@ -67,7 +69,7 @@ def _presets(given: list[str], env_id: str, obs: str | None) -> list[str]:
 
 
 def _load_config(args: argparse.Namespace):
-    from fastdream.config import Config, apply, apply_presets, apply_sets, validate
+    from fastdream.run.config import Config, apply, apply_presets, apply_sets, validate
 
     cfg = Config()
     try:
@@ -84,7 +86,7 @@ def _load_config(args: argparse.Namespace):
         cfg = apply_sets(cfg, args.set or [])
         validate(cfg)
         if args.env:
-            from fastdream.envs import resolve_backend
+            from fastdream.data.envs import resolve_backend
 
             resolve_backend(args.env)
     except ValueError as exc:
@@ -95,8 +97,8 @@ def _load_config(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fastdream import checkpoint
-    from fastdream.train import UnhealthyRun, train
+    from fastdream.run import checkpoint
+    from fastdream.run.train import UnhealthyRun, train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -107,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if ignored:
             raise CliError(f"--resume continues the saved config; only --steps and --minutes may change it "
                            f"(got {ignored})")
-        from fastdream.config import Config
+        from fastdream.run.config import Config
 
         cfg = Config.from_dict(checkpoint.load(run_dir, with_replay=False)[0]["config"])
         if args.steps is not None:
@@ -142,9 +144,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from fastdream import checkpoint
-    from fastdream.config import Config
-    from fastdream.train import build_agent, build_env, evaluate
+    from fastdream.run import checkpoint
+    from fastdream.run.config import Config
+    from fastdream.run.train import build_agent, build_env, evaluate
 
     if args.episodes < 1:
         raise CliError(f"--episodes must be >= 1, got {args.episodes}")
@@ -163,7 +165,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"eval {cfg.env.id}: mean return {np.mean(rets):.1f} over {len(rets)} episodes "
           f"(min {min(rets):.1f}, max {max(rets):.1f}; {'sampled' if args.sample else 'mode'} actions)")
     if args.video:
-        from fastdream.logger import write_video
+        from fastdream.run.logger import write_video
 
         path = write_video(args.video, frames)
         print(f"video of episode 1 ({len(frames)} frames) written to {path}")
@@ -207,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--logdir", default=None, help="run directory (default: runs/<env>-<time>)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    t.add_argument("--engine", default=None, choices=["auto", "eager", "compile", "triton", "cudagraph"],
-                   help="dream engine (default: the task preset's: eager for vector CartPole, else compile)")
+    t.add_argument("--engine", default=None, choices=list(ENGINES),
+                   help="dream engine (default: the task preset's: auto for vector CartPole, compile for the rest); "
+                   + "; ".join(f"{k}: {v}" for k, v in ENGINES.items()))
     t.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="update precision (default: the task preset's: fp32 for vector CartPole, else bf16)")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
@@ -248,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="gymnasium")
     args = build_parser().parse_args(argv)
-    from fastdream.runtime import keep_freed_memory
+    from fastdream.fast.runtime import keep_freed_memory
 
     keep_freed_memory()  # the CLI owns its process: reuse freed activations instead of re-faulting pages
     try:

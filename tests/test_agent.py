@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from fastdream import ReplayBuffer, make_env
-from fastdream.collector import Collector, RandomPolicy
-from fastdream.config import Config, apply
-from fastdream.train import build_agent
+from fastdream.data.collector import Collector, RandomPolicy
+from fastdream.run.config import Config, apply
+from fastdream.run.train import build_agent
 
 TINY = {"model.deter": 32, "model.hidden": 32, "model.units": 32, "model.stoch": 8, "model.classes": 4,
         "model.blocks": 4, "model.cnn_mult": 4, "train.horizon": 5}
@@ -105,7 +105,7 @@ def test_continuous_actor_gets_gradients_through_dynamics():
     env = make_env("Pendulum-v1", 2, seed=0)
     cfg = apply(Config(), {**TINY, "env.id": "Pendulum-v1", "env.num_envs": 2})
     agent = build_agent(cfg, env)
-    from fastdream.dream import imagine
+    from fastdream.dream.rollout import imagine
 
     deter, stoch = agent.wm.rssm.initial(4)
     traj = imagine(agent.wm, agent.behavior.actor, (deter, stoch), 3, grad=True)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fastdream.behavior import Actor, lambda_return, return_norm_update, return_scale, return_weights
-from fastdream.world_model import kl_losses
+from fastdream.model.behavior import Actor
+from fastdream.model.maths import kl_losses, lambda_return, return_norm_update, return_scale, return_weights
 
 
 def test_lambda_return_hand_computed_with_continues_and_bootstrap():

@@ -117,13 +117,14 @@ def test_presets_resolve_task_then_size(argv, env_id, target, deter, obs):
     assert cfg.train.seq_len == (32 if (env_id, obs) == ("CartPole-v1", "pixels") else 64)
     # The tasks solved within 90 min here ran compiled and in bf16; their presets carry that.
     long_task = env_id == "LunarLander-v3" or obs == "pixels"
-    assert (cfg.train.engine, cfg.train.precision) == (("compile", "bf16") if long_task else ("eager", "fp32"))
+    want = ("compile", True, "bf16") if long_task else ("auto", False, "fp32")
+    assert (cfg.train.engine, cfg.train.compile_model, cfg.train.precision) == want
 
 
 def test_progress_prints_plain_lines_when_not_a_terminal():
     from rich.console import Console
 
-    from fastdream.logger import Progress
+    from fastdream.run.logger import Progress
 
     out = io.StringIO()
     bar = Progress(4000, interval=3600.0, console=Console(file=out, width=60))

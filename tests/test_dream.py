@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from fastdream.behavior import Actor
-from fastdream.dream import HorizonSchedule, draw_noise, imagine, resolve_engine
+from fastdream.dream.engines import resolve_engine
+from fastdream.dream.rollout import draw_noise, imagine
+from fastdream.dream.schedule import HorizonSchedule
 from fastdream.kernels import rssm_step as kernels
-from fastdream.world_model import WorldModel
+from fastdream.model.behavior import Actor
+from fastdream.model.world_model import WorldModel
 
 
 def tiny(discrete: bool):
@@ -22,7 +24,7 @@ def tiny(discrete: bool):
 
 
 def engines_here():
-    out = ["compile"]
+    out = ["kernels", "compile"]
     if kernels.available("cpu"):
         out.append("triton")
     return out
@@ -54,7 +56,7 @@ def test_engine_matches_eager_forward_and_gradients(engine, discrete):
 @pytest.mark.parametrize("discrete", [True, False])
 def test_onehot_gathers_give_the_dense_dream_and_losses(discrete):
     """The one-hot stoch path (gathers instead of matmuls) changes no value and no actor/critic gradient."""
-    from fastdream.behavior import Behavior
+    from fastdream.model.behavior import Behavior
 
     wm, actor, starts, noise = tiny(discrete)
     beh = Behavior(wm.rssm.feat_dim, 2, discrete, units=16, layers=1)
@@ -89,7 +91,7 @@ def test_onehot_gathers_give_the_dense_dream_and_losses(discrete):
 def test_compiled_behaviour_losses_match_eager(discrete):
     """The compiled critic/slow-critic passes give the eager losses and, in the Agent's two separate
     gradient calls (actor, then critic), the eager gradients."""
-    from fastdream.behavior import Behavior
+    from fastdream.model.behavior import Behavior
 
     wm, actor, starts, noise = tiny(discrete)
     beh = Behavior(wm.rssm.feat_dim, 2, discrete, units=16, layers=1)
@@ -120,7 +122,7 @@ def test_compiled_behaviour_losses_match_eager(discrete):
 def test_compiled_rollout_has_no_graph_breaks():
     import torch._dynamo as dynamo
 
-    from fastdream.dream import _rollout_fn
+    from fastdream.dream.rollout import _rollout_fn
 
     wm, actor, (deter, stoch), noise = tiny(True)
     for onehot in (False, True):
@@ -133,8 +135,10 @@ def test_compiled_rollout_has_no_graph_breaks():
 
 def test_compiled_bf16_dream_matches_eager_bf16():
     """Under bf16 autocast the compiled no-grad dream (weights cast once per rollout, C++ kernels in the graph)
-    takes the eager dream's draws and gives its values within a bf16 rounding; 16-lane sizes, so the kernels'
-    vector paths run."""
+    takes the kernels engine's draws (the same C++ draws, step by step) and gives its values within a bf16
+    rounding; 16-lane sizes, so the kernels' vector paths run. (Against the plain-torch eager engine a bf16 dream
+    cannot match draw for draw: a bf16 spacing of a logit moves a draw whose noise lies that close to a CDF step,
+    and the dream then diverges; fp32 dreams are compared with eager in test_engine_matches_eager_*.)"""
     torch.manual_seed(0)
     wm = WorldModel(vector_dim=4, image=False, action_dim=3, deter=64, hidden=32, stoch=8, classes=16, blocks=4,
                     units=32)
@@ -143,7 +147,7 @@ def test_compiled_bf16_dream_matches_eager_bf16():
     starts = (torch.randn(n, 64), torch.nn.functional.one_hot(torch.randint(0, 16, (n, 8)), 16).float())
     noise = draw_noise(n, 5, 8, actor, "cpu", torch.Generator().manual_seed(2))
     outs = []
-    for engine in ("eager", "compile"):
+    for engine in ("kernels", "compile"):
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
             outs.append(imagine(wm, actor, starts, 5, engine=engine, noise=noise, dense_feat=False))
     ref, out = outs
@@ -154,12 +158,40 @@ def test_compiled_bf16_dream_matches_eager_bf16():
 
 
 def test_engine_resolution_and_errors():
-    assert resolve_engine("auto", "cpu", grad=False) == "compile"
+    assert resolve_engine("auto", "cpu", grad=False) == "kernels"
+    assert resolve_engine("auto", "cpu", grad=True) == "kernels"
+    assert resolve_engine("compile", "cpu", grad=True) == "compile"
     assert resolve_engine("eager", "cpu", grad=True) == "eager"
     with pytest.raises(ValueError, match="cudagraph engine needs a CUDA device"):
         resolve_engine("cudagraph", "cpu", grad=False)
     with pytest.raises(ValueError, match="unknown dream engine 'fast'"):
         resolve_engine("fast", "cpu", grad=False)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_eager_engine_runs_plain_torch_only(monkeypatch, bf16):
+    """The eager engine is the reference: no C++ kernel runs in its dream (the kernels engine runs them), and its
+    values equal the kernels engine's within float32 rounding."""
+    from fastdream.fast import _ops
+
+    calls: list[str] = []
+    for name in ("norm_silu", "gather_norm_silu", "gru_gate", "unimix_index", "twohot_decode", "take_rows",
+                 "gather_rows_backward"):
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    wm, actor, starts, noise = tiny(True)
+    out = {}
+    for engine in ("eager", "kernels"):
+        calls.clear()
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out[engine] = imagine(wm, actor, starts, 3, engine=engine, noise=noise)
+        out[engine]["calls"] = sorted(set(calls))
+    assert out["eager"]["calls"] == []
+    assert {"norm_silu", "gru_gate", "unimix_index", "twohot_decode"} <= set(out["kernels"]["calls"])
+    if not bf16:
+        assert torch.equal(out["eager"]["action"], out["kernels"]["action"])
+        for k in ("feat", "reward", "cont", "logprob", "entropy"):
+            torch.testing.assert_close(out["eager"][k], out["kernels"][k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -204,7 +236,7 @@ def test_action_table_rows_are_the_gru_action_inputs(bf16):
 
 
 def test_class_index_is_the_argmax_of_one_hot_and_zero_rows():
-    from fastdream.dream import class_index
+    from fastdream.dream.rollout import class_index
 
     torch.manual_seed(0)
     index = torch.randint(0, 32, (37, 8))

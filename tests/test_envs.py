@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fastdream import ReplayBuffer, make_env
-from fastdream.collector import Collector, RandomPolicy
+from fastdream.data.collector import Collector, RandomPolicy
 
 
 def balance(rows):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastdream.kernels import reference, rssm_step
-from fastdream.rssm import RSSM
+from fastdream.model.rssm import RSSM
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not rssm_step.available(DEVICE), reason="Triton cannot run on this device")

@@ -3,22 +3,19 @@ import math
 import pytest
 import torch
 
-from fastdream.nets import (
-    MLP,
-    BlockLinear,
+from fastdream.model.maths import (
     categorical_kl,
-    onehot_linear,
     straight_through_sample,
     symexp,
     symlog,
     twohot_bins,
-    twohot_decode,
     twohot_decode_logp,
     twohot_encode,
     twohot_loss,
     twohot_nll,
     unimix_logits,
 )
+from fastdream.model.nets import MLP, BlockLinear, onehot_linear, twohot_decode
 
 
 def test_symlog_symexp_hand_values_and_inverse():
@@ -128,7 +125,7 @@ def test_mlp_onehot_path_matches_dense_path():
 
 
 def test_rssm_dynhid_first_equals_block_linear_on_expanded_group_inputs():
-    from fastdream.rssm import RSSM
+    from fastdream.model.rssm import RSSM
 
     torch.manual_seed(0)
     rssm = RSSM(action_dim=3, embed_dim=5, deter=24, hidden=10, stoch=4, classes=4, blocks=4)
@@ -192,8 +189,8 @@ def test_twohot_decode_stays_fp32_under_bf16_autocast():
 def test_rssm_observe_equals_the_plain_per_step_loop_in_values_and_gradients():
     """observe hoists the action input, the embedding's projection and the weight slices out of the
     recurrence; it must equal a loop of core + full posterior MLP per step, resets included."""
-    from fastdream.nets import unimix_logits
-    from fastdream.rssm import RSSM
+    from fastdream.model.maths import unimix_logits
+    from fastdream.model.rssm import RSSM
 
     torch.manual_seed(0)
     B, T, E, A = 3, 6, 7, 2
@@ -237,7 +234,7 @@ def test_rssm_observe_compiled_step_equals_eager_in_values_and_gradients():
     """The compile engines run the posterior steps as compiled graphs of ``obs_chunk`` steps (the rest one
     by one): given the same draws they must give the eager sequence's states and parameter gradients (resets
     inside a chunk and fed noise included)."""
-    from fastdream.rssm import RSSM
+    from fastdream.model.rssm import RSSM
 
     torch.manual_seed(0)
     B, T, E, A = 3, 5, 7, 2
@@ -267,7 +264,7 @@ def test_rssm_observe_compiled_step_equals_eager_in_values_and_gradients():
 def test_world_model_compiled_loss_equals_eager_with_pixels_and_vector():
     """The world-model loss with compiled posterior steps, image encoder and image loss equals the eager
     loss for the same draws, in every loss term (image and vector) and every parameter gradient."""
-    from fastdream.world_model import WorldModel
+    from fastdream.model.world_model import WorldModel
 
     torch.manual_seed(0)
     B, T = 2, 3
@@ -295,7 +292,7 @@ def test_world_model_compiled_loss_equals_eager_with_pixels_and_vector():
 
 
 def test_stack_fuses_norm_silu_without_changing_modules_or_state_dict_keys():
-    from fastdream.nets import Norm, Stack
+    from fastdream.model.nets import Norm, Stack
 
     torch.manual_seed(0)
     mods = [torch.nn.Linear(6, 32, bias=False), Norm(32), torch.nn.SiLU(), torch.nn.Linear(32, 32), Norm(32)]

@@ -1,11 +1,31 @@
-"""The C++ kernels of fastdream._ops (through their nets wrappers and directly): values against torch's
-maths in float64 or fp32, both code paths where a CPU has two, and bad input refused before memory is read."""
+"""The C++ kernels of fastdream.fast._ops (through their nets call sites and directly): values against torch's
+maths in float64 or fp32 on every code path the CPU has, and bad input refused before memory is read.
+
+Every test here runs once per path: the portable one on every CPU (forced where AVX512_BF16 exists) and the
+AVX512_BF16 one where the CPU has it. Tolerances come from the precision of operands and outputs (a bf16 output
+is within one bf16 spacing, 2^-8 of its value, of the exact maths of the operands it read), never from one CPU's
+rounding: the bf16 operands a kernel reads (e.g. a matmul's bf16 output, whose fp32 accumulation order differs
+between oneDNN's kernels for AVX-512, AMX and AVX2) are taken as they are, not recomputed.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdream.nets import onehot_linear, symlog, twohot_bins
+from fastdream.fast import _ops, ops
+from fastdream.model.maths import symlog, twohot_bins
+from fastdream.model.nets import onehot_linear
+
+PATHS = ["portable", "avx512_bf16"] if _ops.avx512_bf16_supported else ["portable"]
+
+
+@pytest.fixture(params=PATHS, autouse=True)
+def code_path(request):
+    """Runs the test on one of the kernels' code paths (``fastdream.fast.ops.set_avx512_bf16``)."""
+    before = ops.set_avx512_bf16(request.param == "avx512_bf16")
+    yield request.param
+    ops.set_avx512_bf16(before)
+
 
 # A bfloat16 kernel output against fp32 maths: half a bfloat16 spacing (2^-8 relative at the bottom of a binade)
 # plus the kernels' own error before rounding (SiLU's exp 7.5e-5, vrcp14ps 6e-5).
@@ -21,7 +41,7 @@ def test_onehot_norm_silu_equals_the_gather_then_layer_norm_and_silu(dtype, rows
     operands: 256 columns sum in registers, 96 and 272 end in 16-lane remainders, 40 is the scalar path, 416 takes
     the bf16 dot path's 256-, 128- and 32-column blocks in one row with an odd latent count (9: the paired sums'
     tail); ``dense = 0`` is a layer on the one-hot stoch alone (the RSSM's stoch input)."""
-    from fastdream.nets import Norm, onehot_norm_silu
+    from fastdream.model.nets import Norm, onehot_norm_silu
 
     torch.manual_seed(0)
     norm = Norm(out)
@@ -33,29 +53,31 @@ def test_onehot_norm_silu_equals_the_gather_then_layer_norm_and_silu(dtype, rows
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
         got = onehot_norm_silu(x[:, :dense] if dense else x, w, norm, index, classes)
     assert got.dtype == dtype and got.shape == (rows, out)
-    # The operands the kernel reads, rounded as it reads them; the sums and the norm in float64.
+    # The operands the kernel reads, as it reads them: the table rows rounded to the dtype, and the dense part's
+    # matmul output as torch's matmul left it (bf16 under autocast, rounded from an fp32 sum whose order is the
+    # CPU's matmul kernel's: recomputing it in float64 differs by a bf16 spacing of ~16, 0.0625, on some CPUs).
     wq = w.to(dtype).double()
-    pre = x[:, :dense].to(dtype).double() @ wq[:, :dense].T if dense else torch.zeros(rows, out, dtype=torch.float64)
-    if dense and dtype == torch.bfloat16:
-        pre = pre.to(dtype).double()  # the dense part's matmul result is bf16 under autocast
-    pre = pre + x[:, dense:].double() @ wq[:, dense:].T
-    want = F.silu(F.layer_norm(pre, (out,), norm.ln.weight.double(), norm.ln.bias.double(), 1e-3))
-    if dtype == torch.float32:
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    else:  # a bf16 rounding of the output, plus one of the dense part's matmul (fp32-accumulated) at ~1/16 scale
-        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=2**-8)
-    # The composed ops (embedding_bag, add, norm_silu) agree to their own roundings.
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-        from fastdream.nets import norm_silu
+        dense_out = F.linear(x[:, :dense], w[:, :dense]) if dense else torch.zeros(rows, out)
+    pre = dense_out.double() + x[:, dense:].double() @ wq[:, dense:].T  # the S gathered rows, summed exactly
+    want = F.silu(F.layer_norm(pre, (out,), norm.ln.weight.double(), norm.ln.bias.double(), 1e-3))
+    # fp32: the kernel's S + 1 fp32 adds and its norm (~1e-6 of values up to ~8); bf16: one bf16 spacing of the
+    # output (its rounding, 2^-9, plus the exp polynomial's 7.5e-5 and vrcp14's 6e-5 before it).
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=1e-4 if dtype == torch.float32 else 2**-8)
+    # The composed ops (embedding_bag, add, norm_silu) the same way: against float64 maths of their own sum.
+    from fastdream.model.nets import norm_silu
 
-        composed = norm_silu(onehot_linear(x[:, :dense] if dense else x, w, index, classes), norm)
-    tol = 1e-5 if dtype == torch.float32 else 0.05
-    torch.testing.assert_close(got.float(), composed.float(), rtol=tol, atol=tol)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        summed = onehot_linear(x[:, :dense] if dense else x, w, index, classes)
+        composed = norm_silu(summed, norm)
+    want = F.silu(F.layer_norm(summed.double(), (out,), norm.ln.weight.double(), norm.ln.bias.double(), 1e-3))
+    torch.testing.assert_close(composed.double(), want, rtol=tol, atol=1e-4 if dtype == torch.float32 else 2**-8)
 
 
 _OPS_SCRIPT = """
 import sys, numpy as np, torch
-from fastdream import _ops
+from fastdream.fast import _ops
 torch.manual_seed(0)
 x = (torch.randn(300, 256) * 3).bfloat16().view(torch.int16).numpy()
 w, b = (torch.randn(256) * 0.5 + 1).numpy(), (torch.randn(256) * 0.5).numpy()
@@ -70,7 +92,7 @@ cat = np.full((300, 3 * 256 + 32), 7, np.int16)  # three parts written in place 
 _ops.norm_silu(x, w, b, 1e-3, True, 2, out=cat[:, :256])
 _ops.gather_norm_silu(None, table, rows, w, b, 1e-3, True, 2, out=cat[:, 256:512])
 _ops.take_rows(x, np.arange(300)[::-1].copy(), cat[:, 512:768], True, 2)
-np.savez(sys.argv[1], avx=_ops.avx512_bf16, norm=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2)),
+np.savez(sys.argv[1], avx=_ops.avx512_bf16(), norm=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2)),
          grouped=as_f32(_ops.norm_silu(x, w, b, 1e-3, True, 2, 8)),
          gather=as_f32(_ops.gather_norm_silu(x, table, rows, w, b, 1e-3, True, 2)),
          gate=_ops.gru_gate(y, gate_bias, deter, True, 2),
@@ -82,7 +104,7 @@ np.savez(sys.argv[1], avx=_ops.avx512_bf16, norm=as_f32(_ops.norm_silu(x, w, b, 
 """
 
 
-def test_avx512_bf16_paths_equal_the_portable_clones(tmp_path):
+def test_avx512_bf16_paths_equal_the_portable_clones(tmp_path, code_path):
     """On a CPU with AVX512_BF16 the bf16 kernels take intrinsics paths; FASTDREAM_PORTABLE_OPS=1 keeps the
     portable clones. Both runs of the same inputs agree within a bf16 rounding (gates: the exp polynomials)."""
     import os
@@ -91,9 +113,9 @@ def test_avx512_bf16_paths_equal_the_portable_clones(tmp_path):
 
     import numpy as np
 
-    from fastdream import _ops
-
-    if not _ops.avx512_bf16:
+    if code_path == "portable":
+        pytest.skip("compares the two paths itself (once, under the avx512_bf16 parameter)")
+    if not _ops.avx512_bf16_supported:
         pytest.skip("this CPU has no AVX512_BF16: only the portable path exists here")
     out = {}
     for name, env in (("fast", {}), ("portable", {"FASTDREAM_PORTABLE_OPS": "1"})):
@@ -121,7 +143,6 @@ def test_avx512_bf16_paths_equal_the_portable_clones(tmp_path):
 def test_gather_norm_silu_refuses_bad_input_before_reading_out_of_bounds():
     import numpy as np
 
-    from fastdream import _ops
 
     table, w, b = np.ones((8, 16), np.float32), np.ones(16, np.float32), np.zeros(16, np.float32)
     rows, dense = np.zeros((5, 2), np.int64), np.ones((5, 16), np.float32)
@@ -160,7 +181,7 @@ def test_gather_norm_silu_refuses_bad_input_before_reading_out_of_bounds():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gather_rows_backward_equals_index_add_with_repeated_rows(threads):
-    from fastdream.nets import gather_rows_backward
+    from fastdream.model.nets import gather_rows_backward
 
     torch.manual_seed(0)
     g = torch.randn(301, 37)  # 37 columns: not a multiple of the 16-float thread blocks
@@ -184,7 +205,6 @@ def test_gather_rows_backward_equals_index_add_with_repeated_rows(threads):
 def test_gather_rows_backward_rejects_bad_input_before_touching_memory():
     import numpy as np
 
-    from fastdream import _ops
 
     g, rows = np.ones((4, 3), np.float32), np.zeros((4, 2), np.int64)
     with pytest.raises(TypeError, match="float64, expected float32"):
@@ -212,7 +232,8 @@ def test_gather_rows_backward_rejects_bad_input_before_touching_memory():
 def test_unimix_index_equals_the_cumsum_draw(dtype, rows, classes, unimix):
     """The C++ draw against ``inverse_cdf_index(unimix_probs(·))``: 4099 rows end in a partial 16-row tile,
     K = 5 and 1 take the scalar transposition, K = 48 three shuffled 16 x 16 blocks; logits span ±40."""
-    from fastdream.nets import inverse_cdf_index, unimix_index, unimix_probs
+    from fastdream.model.maths import inverse_cdf_index, unimix_probs
+    from fastdream.model.nets import unimix_index
 
     torch.manual_seed(0)
     logits = (torch.randn(rows, classes) * 12).clamp(-40, 40).to(dtype)
@@ -241,7 +262,8 @@ def test_unimix_index_equals_the_cumsum_draw(dtype, rows, classes, unimix):
 def test_unimix_index_adds_a_bias_row_per_latent(dtype, n, latents, classes):
     """``bias [S·K]``: row (n, s) draws from logits + bias row s, as if a head's addmm had added it (K = 32
     takes the transposed tiles, K = 5 the scalar path; 257·32 rows end in a partial tile)."""
-    from fastdream.nets import inverse_cdf_index, unimix_index, unimix_probs
+    from fastdream.model.maths import inverse_cdf_index, unimix_probs
+    from fastdream.model.nets import unimix_index
 
     torch.manual_seed(0)
     logits = (torch.randn(n, latents, classes) * 4).to(dtype)
@@ -253,7 +275,6 @@ def test_unimix_index_adds_a_bias_row_per_latent(dtype, n, latents, classes):
     near_step = (unimix_probs(full, 0.01).cumsum(-1) - noise[..., None]).abs().min(-1).values < 1e-5
     assert got.shape == (n, latents) and bool(((got == want) | near_step).all())
     assert float((got != unimix_index(logits, noise, 0.01)).float().mean()) > 0.2  # the bias matters
-    from fastdream import _ops
 
     with pytest.raises(ValueError, match=r"bias \(7,\) must be a contiguous \[P \* K\]"):
         _ops.unimix_index(logits.float().reshape(-1, classes).numpy(), noise.reshape(-1).numpy(), 0.01, False, 1,
@@ -263,7 +284,6 @@ def test_unimix_index_adds_a_bias_row_per_latent(dtype, n, latents, classes):
 def test_unimix_index_threads_split_rows_and_bad_input_is_refused():
     import numpy as np
 
-    from fastdream import _ops
 
     rng = np.random.default_rng(0)
     logits, noise = rng.standard_normal((1000, 32), dtype=np.float32), rng.random(1000, dtype=np.float32)
@@ -288,7 +308,7 @@ def test_unimix_index_threads_split_rows_and_bad_input_is_refused():
 def test_norm_silu_equals_layer_norm_then_silu(dtype, shape):
     """The C++ LayerNorm+SiLU (no gradient) against torch's fp32 maths: 256 and 96 columns take the 16-lane
     path, 40 the scalar one; rows carry a mean and scale of their own, weights and biases are not trivial."""
-    from fastdream.nets import Norm, norm_silu
+    from fastdream.model.nets import Norm, norm_silu
 
     torch.manual_seed(0)
     norm = Norm(shape[-1])
@@ -316,7 +336,7 @@ def test_norm_silu_equals_layer_norm_then_silu(dtype, shape):
 def test_norm_silu_groups_writes_the_block_matmul_layout(dtype, rows, groups, cg):
     """``groups``: the same values laid out ``[G, M, C/G]``, for the 16-lane (256 and 96 columns) and
     scalar (21) paths; with a gradient the torch maths give the same layout."""
-    from fastdream.nets import Norm, norm_silu
+    from fastdream.model.nets import Norm, norm_silu
 
     torch.manual_seed(0)
     norm = Norm(groups * cg)
@@ -352,7 +372,7 @@ def test_gru_gate_grouped_equals_the_reference_gate(dtype, groups, rows, dg):
     """The C++ block-GRU update on the block matmul's own output ``[G, N, 3 D/G]`` against
     ``gru_gate_reference`` of the transposed gates plus bias: D/G = 24 and 7 end in scalar columns."""
     from fastdream.kernels.reference import gru_gate_reference
-    from fastdream.nets import gru_gate_grouped
+    from fastdream.model.nets import gru_gate_grouped
 
     torch.manual_seed(0)
     y = (torch.randn(groups, rows, 3 * dg) * 4).to(dtype)
@@ -374,7 +394,6 @@ def test_gru_gate_grouped_equals_the_reference_gate(dtype, groups, rows, dg):
 def test_norm_silu_and_gru_gate_refuse_bad_input():
     import numpy as np
 
-    from fastdream import _ops
 
     x, w, b = np.ones((8, 16), np.float32), np.ones(16, np.float32), np.zeros(16, np.float32)
     assert _ops.norm_silu(x, w, b, 1e-3).shape == (8, 16)
@@ -417,7 +436,7 @@ def test_norm_silu_and_gru_gate_refuse_bad_input():
 def test_twohot_decode_kernel_equals_the_softmax_expectation(dtype, rows, bins):
     """The C++ decode (no gradient) against the expectation in float64: 255 bins end in a padded 15-column
     block, 16 fill one exactly, 5 are all padding; logits span ±30 so whole rows sit on one or two bins."""
-    from fastdream.nets import twohot_decode
+    from fastdream.model.nets import twohot_decode
 
     torch.manual_seed(0)
     grid = twohot_bins(bins)
@@ -449,7 +468,6 @@ def test_twohot_decode_kernel_equals_the_softmax_expectation(dtype, rows, bins):
 def test_twohot_decode_kernel_refuses_bad_input():
     import numpy as np
 
-    from fastdream import _ops
 
     logits, bins = np.zeros((4, 255), np.float32), np.linspace(-20, 20, 255, dtype=np.float32)
     assert np.allclose(_ops.twohot_decode(logits, bins), 0.0, atol=1e-5)  # uniform over symmetric bins
@@ -472,8 +490,7 @@ def test_gru_gate_copies_are_the_new_deter_rounded_in_both_layouts(groups, dg):
     torch maths give the same three tensors."""
     import numpy as np
 
-    from fastdream import _ops
-    from fastdream.nets import gru_gate_grouped
+    from fastdream.model.nets import gru_gate_grouped
 
     torch.manual_seed(0)
     n = 37
@@ -497,8 +514,7 @@ def test_gru_gate_copies_are_the_new_deter_rounded_in_both_layouts(groups, dg):
 def test_norm_silu_cat_writes_each_part_as_its_own_op_and_falls_back_with_gradients(dtype):
     """The GRU-input op: ``[norm_silu(x) | gathered stoch layer | action rows]`` written in place equals the three
     ops' own results bit for bit, and the composed torch ops (used with gradients) within a rounding."""
-    from fastdream import ops
-    from fastdream.nets import Norm, norm_silu_cat, onehot_table
+    from fastdream.model.nets import Norm, norm_silu_cat, onehot_table
 
     torch.manual_seed(0)
     n, s, k, c = 97, 6, 5, 48
@@ -530,7 +546,6 @@ def test_norm_silu_cat_writes_each_part_as_its_own_op_and_falls_back_with_gradie
 def test_in_place_outputs_and_take_rows_refuse_bad_input():
     import numpy as np
 
-    from fastdream import _ops
 
     x, w, b = np.ones((4, 16), np.float32), np.ones(16, np.float32), np.zeros(16, np.float32)
     table = np.arange(48, dtype=np.float32).reshape(3, 16)
@@ -561,8 +576,7 @@ def test_gate_and_draw_write_into_a_stacked_sequence():
     refused."""
     import numpy as np
 
-    from fastdream import _ops
-    from fastdream.nets import gru_gate_grouped, unimix_index
+    from fastdream.model.nets import gru_gate_grouped, unimix_index
 
     torch.manual_seed(0)
     g, n, dg, s, k = 4, 37, 16, 5, 8

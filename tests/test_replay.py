@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastdream import ReplayBuffer
-from fastdream.replay_reference import NumpyReplay
+from fastdream.data.replay_reference import NumpyReplay
 
 SPEC = {
     "image": ((4, 4, 3), "uint8"),

@@ -2,7 +2,7 @@ import platform
 
 import pytest
 
-from fastdream.runtime import keep_freed_memory
+from fastdream.fast.runtime import keep_freed_memory
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
@@ -14,7 +14,7 @@ def test_keep_freed_memory_is_accepted_by_glibc_and_can_be_repeated():
 
 _DREAM_FAULTS = """
 import resource, sys
-from fastdream.runtime import keep_freed_memory
+from fastdream.fast.runtime import keep_freed_memory
 assert keep_freed_memory(mmap=sys.argv[1] == "mmap")
 from fastdream.benchmarks import dream_case
 dream = dream_case("xs", 16384, horizon=4, engines=("eager",), precisions=("bf16",)).variant("eager_bf16").fn

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastdream import checkpoint
-from fastdream.config import Config, apply
-from fastdream.train import UnhealthyRun, train
+from fastdream.run import checkpoint
+from fastdream.run.config import Config, apply
+from fastdream.run.train import UnhealthyRun, train
 
 SMALL = {"model.deter": 32, "model.hidden": 32, "model.units": 32, "model.stoch": 8, "model.classes": 4,
          "model.blocks": 4, "train.horizon": 5, "env.num_envs": 4, "train.batch_size": 2, "train.seq_len": 8,

@@ -1,77 +1,25 @@
 """The dream engine: many short imagined rollouts from posterior start states, as one batch.
 
-Engines (same maths, same outputs for the same noise, within float tolerance):
-  eager      the plain reference loop.
-  compile    torch.compile of the whole H-step rollout (policy sampling included), no graph breaks.
-  triton     the fused step kernels of fastdream.kernels.rssm_step around torch's matmuls.
-  cudagraph  the compiled rollout captured once per shape and replayed (CUDA only, no-grad dreams).
-``auto`` picks cudagraph on CUDA for no-grad dreams, else compile.
+The engines (``fastdream.dream.engines.ENGINES``) run the same maths and give the same outputs for the same noise,
+within float tolerance; ``eager`` runs it in plain torch and is the reference the others are tested against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 
-from fastdream import runtime
-from fastdream.behavior import Actor
-from fastdream.nets import autocast_input, onehot_table
-from fastdream.nets import onehot as onehot_rows  # _rollout's flag is named onehot
-from fastdream.ops import write_into
-from fastdream.rssm import RSSM
-from fastdream.world_model import WorldModel
-
-ENGINES = ("auto", "eager", "compile", "triton", "cudagraph")
-
-
-# ---------------------------------------------------------------- schedules
-
-
-@dataclass
-class HorizonSchedule:
-    """Imagination horizon per update: fixed, a linear ramp, or a fixed imagined-step budget.
-
-    mode ``fixed``: H = ``horizon``. ``ramp``: H goes linearly from ``h_min`` at update ``ramp_start``
-    to ``h_max`` at ``ramp_end`` (MBPO's schedule shape). ``budget``: N·H = ``budget`` imagined
-    steps, so ``starts(total)`` = budget // H for the H of the ramp (or fixed) part.
-    """
-
-    mode: str = "fixed"
-    horizon: int = 15
-    h_min: int = 1
-    h_max: int = 15
-    ramp_start: int = 0
-    ramp_end: int = 20_000
-    budget: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("fixed", "ramp", "budget"):
-            raise ValueError(f"horizon schedule mode must be fixed, ramp or budget, got {self.mode!r}")
-        if min(self.horizon, self.h_min, self.h_max) < 1 or self.h_min > self.h_max:
-            raise ValueError(f"horizons must be >= 1 with h_min <= h_max, got {self}")
-        if self.mode == "budget" and self.budget < self.horizon:
-            raise ValueError(f"budget {self.budget} must be >= horizon {self.horizon}")
-
-    def horizon_at(self, update: int) -> int:
-        """H for ``update`` (0-based)."""
-        if self.mode != "ramp":
-            return self.horizon
-        if update <= self.ramp_start:
-            return self.h_min
-        if update >= self.ramp_end:
-            return self.h_max
-        frac = (update - self.ramp_start) / (self.ramp_end - self.ramp_start)
-        return int(round(self.h_min + frac * (self.h_max - self.h_min)))
-
-    def starts_at(self, update: int, available: int, requested: int = 0) -> int:
-        """Number of dreams N for ``update`` out of ``available`` posterior states."""
-        if self.mode == "budget":
-            return max(1, min(available, self.budget // self.horizon_at(update)))
-        return available if requested <= 0 else min(requested, available)
-
+from fastdream.dream.engines import resolve_engine
+from fastdream.fast import ops, runtime
+from fastdream.fast.ops import write_into
+from fastdream.model.behavior import Actor
+from fastdream.model.maths import onehot as onehot_rows  # _rollout's flag is named onehot
+from fastdream.model.nets import autocast_input, onehot_table
+from fastdream.model.rssm import RSSM
+from fastdream.model.world_model import WorldModel
 
 # ---------------------------------------------------------------- noise and the rollout
 
@@ -282,31 +230,16 @@ def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch,
     return tuple(None if o is None else o.clone() for o in outs)
 
 
-def resolve_engine(engine: str, device: torch.device | str, grad: bool) -> str:
-    """The concrete engine for ``engine`` on ``device``; a clear error when it cannot run there."""
-    from fastdream.kernels import rssm_step as kernels
-
-    dev = torch.device(device)
-    if engine not in ENGINES:
-        raise ValueError(f"unknown dream engine {engine!r}; choose from {ENGINES}")
-    if engine == "auto":
-        return "cudagraph" if dev.type == "cuda" and not grad else "compile"
-    if engine == "cudagraph" and (dev.type != "cuda" or grad):
-        raise ValueError("the cudagraph engine needs a CUDA device and no-grad (discrete-action) dreams")
-    if engine == "triton" and not kernels.available(dev):
-        raise ValueError("the triton engine needs CUDA (or TRITON_INTERPRET=1 on a CPU, for tests)")
-    return engine
-
-
 def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, torch.Tensor], horizon: int,
-            engine: str = "eager", augment: Callable | None = None, grad: bool = False,
+            engine: str = "kernels", augment: Callable | None = None, grad: bool = False,
             noise: dict[str, torch.Tensor] | None = None, generator: torch.Generator | None = None,
             onehot: bool = True, dense_feat: bool = True) -> dict[str, torch.Tensor]:
     """Dreams ``horizon`` steps from each of ``starts = (deter [N, D], stoch [N, S, K])`` under ``policy``.
 
     Returns ``feat [N, H+1, F]``, ``action [N, H, A]`` (taken at s_0..s_{H-1}), ``reward [N, H]``
     and ``cont [N, H]`` (predicted at s_1..s_H), and the policy's ``logprob [N, H]`` and
-    ``entropy [N, H]`` of those actions (with gradients for the actor). With ``grad=False``
+    ``entropy [N, H]`` of those actions (with gradients for the actor). ``engine``: a name of
+    ``fastdream.dream.engines.ENGINES`` (``eager``: plain torch, the reference). With ``grad=False``
     (discrete actions: REINFORCE needs no gradient through the dynamics) the rollout itself runs
     without autograd. ``noise`` (from ``draw_noise``) fixes every random draw. ``augment(feat)``
     may transform the imagined features before the heads see them (off by default).
@@ -326,12 +259,22 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
     deter, stoch = starts
     grad = grad and torch.is_grad_enabled()
     engine = resolve_engine(engine, deter.device, grad)
+    with ops.kernels(False) if engine == "eager" else nullcontext():
+        return _imagine(world_model, policy, starts, horizon, engine, augment, grad, noise, generator, onehot,
+                        dense_feat)
+
+
+def _imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, torch.Tensor], horizon: int,
+             engine: str, augment: Callable | None, grad: bool, noise: dict[str, torch.Tensor] | None,
+             generator: torch.Generator | None, onehot: bool, dense_feat: bool) -> dict[str, torch.Tensor]:
+    """``imagine`` on a resolved ``engine``, gradients decided."""
+    deter, stoch = starts
     if noise is None:
         noise = draw_noise(deter.shape[0], horizon, stoch.shape[-2], policy, deter.device, generator)
     ns, na = noise["stoch"][:horizon], noise["action"][:horizon]
     gather = onehot and not grad  # with gradients through the dynamics the stoch must stay dense
     with torch.set_grad_enabled(grad):
-        if engine == "eager":
+        if engine in ("eager", "kernels"):
             out = _rollout(world_model, policy, deter, stoch, ns, na, onehot=gather)
         elif engine == "compile":
             tables = _gather_tables(world_model, policy) if gather else None

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastdream.replay import ReplayBuffer, _replace_dir
+from fastdream.data.atomic import atomic_dir, write_synced
+from fastdream.data.replay import ReplayBuffer
 
 CHECKPOINT_DIR = "checkpoint"
 
 
 def save(run_dir: Path, state: dict[str, Any], replay: ReplayBuffer | None) -> Path:
-    """Writes ``run_dir/checkpoint`` atomically: a crash leaves the previous checkpoint intact."""
+    """Writes ``run_dir/checkpoint`` atomically (``atomic_dir``): a crash leaves the previous checkpoint intact."""
     final = Path(run_dir) / CHECKPOINT_DIR
-    tmp = final.with_name(f".{CHECKPOINT_DIR}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if replay is not None:
-        replay.save(tmp / "replay")
-    _replace_dir(tmp, final)
+    with atomic_dir(final) as tmp:
+        write_synced(tmp / "state.pt", lambda f: torch.save(state, f))
+        if replay is not None:
+            replay.save(tmp / "replay")
     return final
 
 

@@ -6,33 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdream import runtime
-from fastdream.nets import (
-    MLP,
-    Hot,
-    ImageDecoder,
-    ImageEncoder,
-    categorical_kl,
-    symlog,
-    twohot_bins,
-    twohot_decode,
-    twohot_loss,
-)
-from fastdream.rssm import RSSM
+from fastdream.fast import runtime
+from fastdream.model.maths import kl_losses, symlog, twohot_bins, twohot_loss
+from fastdream.model.nets import MLP, Hot, ImageDecoder, ImageEncoder, twohot_decode
+from fastdream.model.rssm import RSSM
 
 # DreamerV3 loss scales: reconstruction/reward/continue 1, dynamics 0.5, representation 0.1.
 LOSS_SCALES = {"rec": 1.0, "reward": 1.0, "cont": 1.0, "dyn": 0.5, "rep": 0.1}
 FREE_NATS = 1.0
-
-
-def kl_losses(post: torch.Tensor, prior: torch.Tensor, free: float = FREE_NATS) -> tuple[torch.Tensor, ...]:
-    """DreamerV3 KL balance on logits ``[..., S, K]``: ``(dyn, rep, raw_kl)``, each ``[...]``.
-
-    dyn = max(free, KL(sg(post) ‖ prior)), rep = max(free, KL(post ‖ sg(prior))).
-    """
-    dyn = categorical_kl(post.detach(), prior)
-    rep = categorical_kl(post, prior.detach())
-    return dyn.clamp(min=free), rep.clamp(min=free), dyn.detach()
 
 
 class WorldModel(nn.Module):
@@ -119,7 +100,7 @@ class WorldModel(nn.Module):
         losses["reward"] = twohot_loss(self.reward_head(feat), batch["reward"], self.bins).mean()
         cont_target = (~batch["is_terminal"]).float()
         losses["cont"] = F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1), cont_target)
-        dyn, rep, kl = kl_losses(out["post"], out["prior"])
+        dyn, rep, kl = kl_losses(out["post"], out["prior"], FREE_NATS)
         losses["dyn"], losses["rep"] = dyn.mean(), rep.mean()
         total = (LOSS_SCALES["rec"] * rec + LOSS_SCALES["reward"] * losses["reward"]
                  + LOSS_SCALES["cont"] * losses["cont"] + LOSS_SCALES["dyn"] * losses["dyn"]

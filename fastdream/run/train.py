@@ -12,16 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastdream import checkpoint
 from fastdream.agent import Agent, OptimConfig
-from fastdream.behavior import Behavior
-from fastdream.collector import Collector, RandomPolicy
-from fastdream.config import Config, validate
-from fastdream.dream import HorizonSchedule
-from fastdream.envs import VecEnv, make_env
-from fastdream.logger import Logger, Progress
-from fastdream.replay import ReplayBuffer
-from fastdream.world_model import WorldModel
+from fastdream.data.collector import Collector, RandomPolicy
+from fastdream.data.envs import VecEnv, make_env
+from fastdream.data.replay import ReplayBuffer
+from fastdream.dream.schedule import HorizonSchedule
+from fastdream.model.behavior import Behavior
+from fastdream.model.world_model import WorldModel
+from fastdream.run import checkpoint
+from fastdream.run.config import Config, validate
+from fastdream.run.logger import Logger, Progress
 
 
 @dataclass
@@ -71,7 +71,7 @@ def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") ->
     agent = Agent(wm, beh, env.num_envs, horizon=t.horizon, discrete=env.discrete,
                   wm_opt=OptimConfig(t.wm_lr, 1e-8, t.wm_clip), actor_opt=OptimConfig(t.actor_lr, 1e-5, t.ac_clip),
                   critic_opt=OptimConfig(t.critic_lr, 1e-5, t.ac_clip), seed=t.seed, precision=t.precision,
-                  dream_starts=t.dream_starts, engine=t.engine,
+                  dream_starts=t.dream_starts, engine=t.engine, compile_model=t.compile_model,
                   schedule=HorizonSchedule(t.horizon_mode, t.horizon, t.h_min, t.h_max, t.ramp_start, t.ramp_end,
                                            t.dream_budget))
     return agent.to(device)

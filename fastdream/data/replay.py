@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fastdream import _replay
+from fastdream.data import _replay
+from fastdream.data.atomic import atomic_dir, write_synced
 
 FORMAT = "fastdream-replay"
 VERSION = 1
@@ -204,12 +204,7 @@ class ReplayBuffer:
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the buffer to directory ``path`` atomically (temp dir + rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        """Writes the buffer to directory ``path`` atomically (``atomic.atomic_dir``: temp dir + rename)."""
         counts = self.counts()
         used = int(np.minimum(counts, self.env_capacity).max(initial=0))
         meta = {
@@ -223,16 +218,10 @@ class ReplayBuffer:
             "used_slots": used,
             "rng_state": self._core.rng_state().hex(),
         }
-        for i, name in enumerate(self._names):
-            with open(tmp / f"field{i}.npy", "wb") as f:
-                np.save(f, self.storage(name)[:, :used])
-                f.flush()
-                os.fsync(f.fileno())
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace_dir(tmp, path)
+        with atomic_dir(path) as tmp:
+            for i, name in enumerate(self._names):
+                write_synced(tmp / f"field{i}.npy", lambda f, n=name: np.save(f, self.storage(n)[:, :used]))
+            write_synced(tmp / "meta.json", lambda f: json.dump(meta, f), mode="w")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReplayBuffer:
@@ -273,16 +262,3 @@ class ReplayBuffer:
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={d}{list(s)}" for n, (s, d) in self.spec.items())
         return f"ReplayBuffer(len={len(self)}, capacity={self.capacity}, num_envs={self.num_envs}, {fields})"
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Moves directory ``tmp`` to ``path``; an existing ``path`` is swapped out, then removed."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from fastdream.envs import VecEnv
-from fastdream.replay import ReplayBuffer
+from fastdream.data.envs import VecEnv
+from fastdream.data.replay import ReplayBuffer
 
 # policy(rows, env_ids) -> env-form actions for those envs (int [n] or float [n, A] in [-1, 1]).
 Policy = Callable[[dict[str, np.ndarray], np.ndarray], Any]

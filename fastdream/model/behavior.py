@@ -7,54 +7,20 @@ import copy
 import torch
 from torch import nn
 
-from fastdream import runtime
-from fastdream.nets import (
-    MLP,
-    Hot,
+from fastdream.fast import runtime
+from fastdream.model.maths import (
+    lambda_return,
     onehot,
+    return_norm_update,
+    return_scale,
+    return_weights,
     twohot_bins,
-    twohot_decode,
     twohot_decode_logp,
     twohot_nll,
-    unimix_index,
     unimix_logits,
     unimix_probs,
 )
-
-# ---------------------------------------------------------------- pure maths
-
-
-def lambda_return(reward: torch.Tensor, cont: torch.Tensor, value: torch.Tensor, gamma: float,
-                  lam: float) -> torch.Tensor:
-    """λ-returns ``[N, H]`` from ``reward [N, H]``, ``cont [N, H]`` (of transition t → t+1) and
-    ``value [N, H+1]``: R_t = r_t + γ c_t [(1 − λ) v_{t+1} + λ R_{t+1}], R_H = v_H.
-    """
-    H = reward.shape[1]
-    ret = value[:, H]
-    out = []
-    for t in reversed(range(H)):
-        ret = reward[:, t] + gamma * cont[:, t] * ((1.0 - lam) * value[:, t + 1] + lam * ret)
-        out.append(ret)
-    return torch.stack(out[::-1], 1)
-
-
-def return_weights(cont: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Loss weights ``[N, H+1]`` from state continues ``cont [N, H+1]``: γ^t · ∏_{k≤t} c_k."""
-    return torch.cumprod(gamma * cont, 1) / gamma
-
-
-def return_norm_update(lo: torch.Tensor, hi: torch.Tensor, returns: torch.Tensor, decay: float = 0.99,
-                       low_q: float = 0.05, high_q: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """EMA of the 5th and 95th return percentiles: returns the new ``(lo, hi)``."""
-    flat = returns.detach().flatten().float()
-    q = torch.quantile(flat, torch.tensor([low_q, high_q], device=flat.device))
-    return decay * lo + (1 - decay) * q[0], decay * hi + (1 - decay) * q[1]
-
-
-def return_scale(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """S = max(1, hi − lo)."""
-    return torch.clamp(hi - lo, min=1.0)
-
+from fastdream.model.nets import MLP, Hot, twohot_decode, unimix_index
 
 # ---------------------------------------------------------------- modules
 

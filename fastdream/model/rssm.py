@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdream import runtime
-from fastdream.nets import (
+from fastdream.fast import runtime
+from fastdream.model.maths import onehot, straight_through_draw, unimix_logits, unimix_probs
+from fastdream.model.nets import (
     MLP,
     BlockLinear,
     Norm,
@@ -19,13 +20,9 @@ from fastdream.nets import (
     gru_gate_grouped,
     norm_silu,
     norm_silu_cat,
-    onehot,
     onehot_norm_silu,
     onehot_table,
-    straight_through_draw,
     unimix_index,
-    unimix_logits,
-    unimix_probs,
 )
 
 # The GRU's action input: ``action_input(action)`` [N, H], or ``(action_table(A), classes [N])``, the rows of it.

@@ -1,14 +1,42 @@
-"""fastdream's C++ kernels (``fastdream._ops``) as torch ops: each ``fastdream::`` op below wraps one kernel for
-CPU tensors without gradients, with a fake (shape-only) kernel so a compiled rollout keeps it as one opaque call
-(no graph break). ``fastdream.nets`` decides where they stand in for torch ops; its functions of the same names are
-the ones to call (they fall back to plain torch elsewhere).
+"""fastdream's C++ kernels (``fastdream.fast._ops``, one file each in csrc/ops/) as torch ops: each ``fastdream::``
+op below wraps one kernel for CPU tensors without gradients, with a fake (shape-only) kernel so a compiled rollout
+keeps it as one opaque call (no graph break). ``fastdream.model.nets`` decides where they stand in for the plain maths
+of ``fastdream.model.maths``; its functions of the same names are the ones to call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+
+_ENABLED = [True]
+
+
+def kernels_enabled() -> bool:
+    """Whether call sites may use these kernels (``kernels(False)`` turns them off: the eager dream engine runs the
+    plain maths only, the reference every other engine is tested against)."""
+    return _ENABLED[0]
+
+
+@contextmanager
+def kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, call sites use these kernels (``True``) or only their plain-torch maths (``False``)."""
+    before = _ENABLED[0]
+    _ENABLED[0] = enabled
+    try:
+        yield
+    finally:
+        _ENABLED[0] = before
+
+
+def set_avx512_bf16(enabled: bool) -> bool:
+    """Switches the kernels' AVX512_BF16 paths on (where the CPU has them) or off (the portable paths every CPU
+    runs); returns the previous setting. Tests run every op on both."""
+    from fastdream.fast import _ops
+
+    return _ops.set_avx512_bf16(enabled)
 
 _LIB = torch.library.Library("fastdream", "DEF")
 
@@ -38,7 +66,7 @@ def _words(x: torch.Tensor):
 
 @_op()
 def twohot_decode(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from fastdream import _ops
+    from fastdream.fast import _ops
 
     return torch.from_numpy(_ops.twohot_decode(_words(logits), bins.contiguous().numpy(),
                                                logits.dtype == torch.bfloat16, torch.get_num_threads(),
@@ -54,7 +82,7 @@ def _(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor | None) -> to
 def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """The C++ kernel as a torch op: a compiled rollout keeps it as one opaque call (no graph break)."""
-    from fastdream import _ops
+    from fastdream.fast import _ops
 
     return torch.from_numpy(_ops.unimix_index(_words(logits), noise.contiguous().numpy(), unimix,
                                               logits.dtype == torch.bfloat16, torch.get_num_threads(),
@@ -71,7 +99,7 @@ def unimix_index_into(logits: torch.Tensor, noise: torch.Tensor, unimix: float, 
                       out: torch.Tensor) -> None:
     """``unimix_index`` writing into ``out [M]`` (contiguous int64): a compiled rollout's classes go straight
     into its stacked sequence (inductor keeps the mutated slice in place, no copy)."""
-    from fastdream import _ops
+    from fastdream.fast import _ops
 
     _ops.unimix_index(_words(logits), noise.contiguous().numpy(), unimix, logits.dtype == torch.bfloat16,
                       torch.get_num_threads(), None if bias is None else bias.contiguous().numpy(), out.numpy())
@@ -85,7 +113,7 @@ def _(logits: torch.Tensor, noise: torch.Tensor, unimix: float, bias: torch.Tens
 @_op()
 def norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, groups: int,
               add: torch.Tensor | None, add_bias: torch.Tensor | None) -> torch.Tensor:
-    from fastdream import _ops
+    from fastdream.fast import _ops
 
     out = _ops.norm_silu(_words(x), weight.contiguous().numpy(), bias.contiguous().numpy(), eps,
                          x.dtype == torch.bfloat16, torch.get_num_threads(), groups,
@@ -104,7 +132,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, gro
 
 @_op()
 def gru_gate(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
-    from fastdream import _ops
+    from fastdream.fast import _ops
 
     return torch.from_numpy(_ops.gru_gate(_words(y), bias.contiguous().numpy(), deter.detach().contiguous().numpy(),
                                           y.dtype == torch.bfloat16, torch.get_num_threads()))
@@ -120,7 +148,7 @@ def gru_gate_into(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, rows
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``gru_gate`` that also writes the new deter rounded to bf16 into ``rows [N, D]`` (contiguous: e.g. a step
     of a compiled rollout's deter sequence, which inductor keeps in place) and returns it grouped ``[G, N, D/G]``."""
-    from fastdream import _ops
+    from fastdream.fast import _ops
 
     out, _, grouped = _ops.gru_gate(_words(y), bias.contiguous().numpy(), deter.detach().contiguous().numpy(), True,
                                     torch.get_num_threads(), True, rows.view(torch.int16).numpy())
@@ -150,7 +178,7 @@ def _(src: torch.Tensor, out: torch.Tensor) -> None:
 @_op()
 def gather_rows_backward(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """The C++ kernel as a torch op, so a traced graph (torch.compile) keeps it as one opaque call."""
-    from fastdream import _ops
+    from fastdream.fast import _ops
 
     out = _ops.gather_rows_backward(g.detach().contiguous().numpy(), rows.contiguous().numpy(), num_rows,
                                     torch.get_num_threads())
@@ -165,7 +193,7 @@ def _(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
 @_op()
 def gather_norm_silu(dense: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor, eps: float, classes: int = 0) -> torch.Tensor:
-    from fastdream import _ops
+    from fastdream.fast import _ops
 
     out = _ops.gather_norm_silu(None if dense is None else _words(dense), _words(table), rows.contiguous().numpy(),
                                 weight.contiguous().numpy(), bias.contiguous().numpy(), eps,
@@ -184,7 +212,7 @@ def _(dense: torch.Tensor | None, table: torch.Tensor, rows: torch.Tensor, weigh
 def norm_silu_cat(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, table: torch.Tensor,
                   index: torch.Tensor, classes: int, table_weight: torch.Tensor, table_bias: torch.Tensor,
                   table_eps: float, rows_table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    from fastdream import _ops
+    from fastdream.fast import _ops
 
     c0, c1 = x.shape[1], table.shape[1]
     out = x.new_empty(x.shape[0], c0 + c1 + rows_table.shape[1])

@@ -1,4 +1,6 @@
-"""Building blocks: symlog, two-hot, unimix categoricals, MLPs, BlockLinear, CNN encoder/decoder.
+"""Layers (MLPs, BlockLinear, CNN encoder/decoder) and the call sites that choose, per call, a C++ kernel of
+``fastdream.fast.ops`` or the plain maths of ``fastdream.model.maths`` beside it: the kernel where it may stand in
+(a float32/bfloat16 CPU tensor, no gradient needed, kernels enabled), the maths everywhere else.
 
 Shapes use ``[..., D]``; ``B`` batch, ``T`` time, ``S`` latents, ``K`` classes per latent.
 """
@@ -11,52 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdream import ops
-from fastdream.kernels.reference import gru_gate_reference
+from fastdream.fast import ops
+from fastdream.model import maths
 
 # One-hot stoch known by its class indices: ``(index [..., S], classes K)``, see ``onehot_linear``; a third entry
 # is the first layer's ``onehot_table``, built once for a rollout's steps.
 Hot = tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]
 
-# ---------------------------------------------------------------- pure maths
-
-
-def symlog(x: torch.Tensor) -> torch.Tensor:
-    """sign(x) · ln(1 + |x|)."""
-    return torch.sign(x) * torch.log1p(torch.abs(x))
-
-
-def symexp(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of symlog: sign(x) · (exp(|x|) − 1)."""
-    return torch.sign(x) * torch.expm1(torch.abs(x))
-
-
-def twohot_bins(num_bins: int = 255, low: float = -20.0, high: float = 20.0) -> torch.Tensor:
-    """Bin centres in symlog space, ``[num_bins]`` (DreamerV3: 255 bins on [-20, 20])."""
-    return torch.linspace(low, high, num_bins)
-
-
-def twohot_neighbours(y: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For symlog-space ``y [...]`` (clipped to the bins): the bins below and above, and the weight of
-    the one above, so that ``(1 − w) · bins[below] + w · bins[above] = y``."""
-    y = y.clamp(bins[0], bins[-1])
-    above = torch.searchsorted(bins, y.contiguous(), right=True).clamp(1, len(bins) - 1)
-    below = above - 1
-    w_hi = ((y - bins[below]) / (bins[above] - bins[below])).clamp(0.0, 1.0)
-    return below, above, w_hi
-
-
-def twohot_encode(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Two-hot encodes symlog-space targets ``y [...]`` over ``bins [K]`` → ``[..., K]``.
-
-    The two neighbouring bins share the mass so that their weighted mean is exactly ``y``
-    (clipped to the bin range).
-    """
-    below, above, w_hi = twohot_neighbours(y, bins)
-    out = torch.zeros(*y.shape, len(bins), dtype=y.dtype, device=y.device)
-    out.scatter_(-1, below.unsqueeze(-1), (1.0 - w_hi).unsqueeze(-1))
-    out.scatter_add_(-1, above.unsqueeze(-1), w_hi.unsqueeze(-1))
-    return out
+# ---------------------------------------------------------------- the call sites: C++ kernel or plain maths
 
 
 def twohot_decode(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,56 +35,14 @@ def twohot_decode(logits: torch.Tensor, bins: torch.Tensor, bias: torch.Tensor |
         k = logits.shape[-1]
         b = None if bias is None else bias.detach().float()
         return ops.twohot_decode(logits.reshape(-1, k), bins.detach().float(), b).reshape(logits.shape[:-1])
-    x = logits.float() if bias is None else logits.float() + bias
-    return symexp((x.softmax(-1) * bins).sum(-1))  # not a matmul: autocast would make it bf16
-
-
-def twohot_decode_logp(logp: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """``twohot_decode`` from log-probabilities ``logp [..., K]`` (a ``log_softmax`` computed already)."""
-    return symexp((logp.exp() * bins).sum(-1))
-
-
-def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of ``logits [..., K]`` against the two-hot of symlog(``target [...]``) → ``[...]``:
-    two gathered log-probabilities, no ``[..., K]`` target tensor."""
-    return twohot_nll(logits.float().log_softmax(-1), target, bins)
-
-
-def twohot_nll(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """``twohot_loss`` from log-probabilities ``logp [..., K]``: several targets against one
-    distribution share its ``log_softmax`` (forward and backward)."""
-    below, above, w_hi = twohot_neighbours(symlog(target), bins)
-    lp_lo = logp.gather(-1, below.unsqueeze(-1)).squeeze(-1)
-    lp_hi = logp.gather(-1, above.unsqueeze(-1)).squeeze(-1)
-    return -((1.0 - w_hi) * lp_lo + w_hi * lp_hi)
-
-
-def unimix_probs(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
-    """``(1 − unimix) · softmax(logits) + unimix / K`` over the last axis."""
-    return (1.0 - unimix) * logits.softmax(-1) + unimix / logits.shape[-1]
-
-
-def unimix_logits(logits: torch.Tensor, unimix: float = 0.01) -> torch.Tensor:
-    """Logits (log-probabilities) of ``unimix_probs``."""
-    if unimix <= 0:
-        return logits.log_softmax(-1)
-    return unimix_probs(logits, unimix).log()
-
-
-def inverse_cdf_index(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Class index ``[...]`` drawn from ``probs [..., K]`` with one uniform ``noise [...]`` per row.
-
-    K× fewer random numbers than Gumbel-max, whose RNG and two logs measured ~25 % of an eager
-    imagination step on this CPU; plain ops, so a compiled rollout has no graph break.
-    """
-    return (probs.detach().cumsum(-1) < noise.unsqueeze(-1)).sum(-1).clamp(max=probs.shape[-1] - 1)
+    return maths.twohot_decode(logits, bins, bias)
 
 
 def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float = 0.01,
                  bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``inverse_cdf_index(unimix_probs(logits + bias), noise)`` for ``logits [..., S, K]``, ``noise [..., S]`` →
     ``[..., S]``, without the probabilities; ``bias [S·K]`` (or None): a head's bias left out of its matmul. On a
-    CPU: the C++ kernel ``fastdream._ops.unimix_index``, one pass over the logits (fp32 or bf16, maths in fp32)
+    CPU: the C++ kernel ``fastdream.fast._ops.unimix_index``, one pass over the logits (fp32 or bf16, maths in fp32)
     on torch's threads, adding the bias as it reads them. At ``[131072, 32]`` bf16 (an N=4096 prior step) here:
     ~0.45 ms (AVX512_BF16 path, software-prefetched), against ~8.5 ms for the softmax, cumsum and count of a
     compiled step and ~20 ms eager. ``out``: a contiguous int64 array of ``noise``'s shape to write the classes into
@@ -129,9 +51,8 @@ def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float = 0.01
     if out is not None and (out.shape != noise.shape or out.dtype != torch.int64 or not out.is_contiguous()):
         raise ValueError(f"unimix_index: out must be a contiguous int64 {tuple(noise.shape)}, got {out.dtype} "
                          f"{tuple(out.shape)} (contiguous: {out.is_contiguous()})")
-    if logits.device.type != "cpu":
-        full = logits if bias is None else logits + bias.reshape(-1, k)
-        index = inverse_cdf_index(unimix_probs(full.float(), unimix), noise)
+    if logits.device.type != "cpu" or not ops.kernels_enabled():
+        index = maths.unimix_index(logits, noise, unimix, bias)
         return index if out is None else out.copy_(index)
     flat = logits.detach().reshape(-1, k)
     if flat.dtype not in (torch.float32, torch.bfloat16):
@@ -157,9 +78,11 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def _no_grad_cpu(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """True where a C++ kernel may stand in for torch ops: a float32/bfloat16 CPU tensor and no gradient needed."""
+    """True where a C++ kernel may stand in for the plain maths: a float32/bfloat16 CPU tensor, no gradient needed
+    and kernels enabled (``fastdream.fast.ops.kernels``)."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not needs_grad
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not needs_grad
+            and ops.kernels_enabled())
 
 
 def norm_silu(x: torch.Tensor, norm: Norm, groups: int = 1, add: torch.Tensor | None = None,
@@ -180,7 +103,7 @@ def norm_silu(x: torch.Tensor, norm: Norm, groups: int = 1, add: torch.Tensor | 
             x = x.reshape(-1, c) + add.transpose(0, 1).reshape(-1, c)
         if add_bias is not None:
             x = x + add_bias.to(x.dtype)
-        y = F.silu(norm(x))
+        y = maths.norm_silu(x, ln.weight, ln.bias, ln.eps)
         return y if groups == 1 else y.reshape(-1, groups, c // groups).transpose(0, 1).contiguous()
     out = ops.norm_silu(x.reshape(-1, c), ln.weight.detach().float(), ln.bias.detach().float(), float(ln.eps),
                          groups, add, None if add_bias is None else add_bias.detach().float())
@@ -190,7 +113,7 @@ def norm_silu(x: torch.Tensor, norm: Norm, groups: int = 1, add: torch.Tensor | 
 def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, copies: bool = False,
                      rows_out: torch.Tensor | None = None
                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The block-GRU update (``kernels.reference.gru_gate_reference``) from the block matmul's own output
+    """The block-GRU update (``maths.gru_gate``) from the block matmul's own output
     ``y [G, N, 3·D/G]`` before its ``bias [3D]``, and ``deter [N, D]`` → next deter ``[N, D]`` (float32).
 
     On a CPU without gradients: the C++ kernel ``_ops.gru_gate`` reads ``y`` where the matmul left it (no
@@ -212,38 +135,11 @@ def gru_gate_grouped(y: torch.Tensor, bias: torch.Tensor, deter: torch.Tensor, c
             return out, rows, grouped
         out = ops.gru_gate(y, bias.detach().float(), deter.float())
     else:
-        out = gru_gate_reference(y.transpose(0, 1).reshape(n, g * k) + bias, deter, g)
+        out = maths.gru_gate(y.transpose(0, 1).reshape(n, g * k) + bias, deter, g)
     if not copies:
         return out
     low = out.to(y.dtype) if rows_out is None else rows_out.copy_(out)
     return out, low, low.reshape(n, g, k // 3).transpose(0, 1).contiguous()
-
-
-def onehot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[...]`` class indices → one-hot ``[..., classes]`` of ``dtype`` (no int64 intermediate)."""
-    out = torch.zeros(*index.shape, classes, dtype=dtype, device=index.device)
-    return out.scatter_(-1, index.unsqueeze(-1), 1.0)
-
-
-def straight_through_draw(probs: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-hot draw ``[..., K]`` from ``probs [..., K]`` with the straight-through gradient
-    ``onehot + p − sg(p)`` (only built when ``probs`` needs a gradient), and its class ``index [...]``."""
-    index = inverse_cdf_index(probs, noise)
-    sample = onehot(index, probs.shape[-1], probs.dtype)
-    if probs.requires_grad:
-        sample = sample + probs - probs.detach()
-    return sample, index
-
-
-def straight_through_sample(logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """One-hot sample ``[..., K]`` of categorical ``logits [..., K]`` with straight-through gradients.
-
-    ``noise [...]`` uniform in [0, 1) (drawn if not given) makes the draw reproducible.
-    """
-    probs = logits.softmax(-1)
-    if noise is None:
-        noise = torch.rand(logits.shape[:-1], device=logits.device, dtype=probs.dtype)
-    return straight_through_draw(probs, noise)[0]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -265,12 +161,12 @@ class _GatherRows(torch.autograd.Function):
 def gather_rows_backward(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``out [num_rows, O]`` (fp32) with ``out[rows[m, s]] += g[m]`` for ``g [M, O]``, ``rows [M, S]``.
 
-    On a CPU: the C++ kernel ``fastdream._ops.gather_rows_backward`` (reads g once). Elsewhere:
+    On a CPU: the C++ kernel ``fastdream.fast._ops.gather_rows_backward`` (reads g once). Elsewhere:
     one ``index_add`` per latent; on this CPU those measured 62 ms at M = 15360, S = 32, O = 256 (the
     matmul with the one-hot 94 ms, torch's embedding_bag backward ~2x the index_adds).
     """
     g = g.float()
-    if g.device.type == "cpu":
+    if g.device.type == "cpu" and ops.kernels_enabled():
         return ops.gather_rows_backward(g, rows, num_rows)
     grad = torch.zeros(num_rows, g.shape[1], dtype=torch.float32, device=g.device)
     for s in range(rows.shape[1]):
@@ -365,13 +261,6 @@ def norm_silu_cat(x: torch.Tensor, norm: Norm, table: torch.Tensor, index: torch
     return ops.norm_silu_cat(x, ln0.weight.detach().float(), ln0.bias.detach().float(), float(ln0.eps), table,
                               index, classes, ln1.weight.detach().float(), ln1.bias.detach().float(), float(ln1.eps),
                               rows_table, rows)
-
-
-def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:
-    """KL(lhs ‖ rhs) of categoricals ``[..., S, K]`` summed over the S latents → ``[...]``."""
-    lhs_logp = lhs_logits.log_softmax(-1)
-    rhs_logp = rhs_logits.log_softmax(-1)
-    return (lhs_logp.exp() * (lhs_logp - rhs_logp)).sum((-2, -1))
 
 
 # ---------------------------------------------------------------- layers
