@@ -2,8 +2,11 @@
 
 from glob import glob
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import setup
+
+# One compiler per core for the op files (NPY_NUM_BUILD_JOBS overrides the count).
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 
 setup(
     ext_modules=[

@@ -1,4 +1,4 @@
-"""`fastdream` command line: train | eval | collect | bench."""
+"""`fastdream` command line: train | eval | collect | plot | bench."""
 
 from __future__ import annotations
 
@@ -190,6 +190,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from fastdream.run.plots import load_curve, parse_group, plot_groups
+
+    try:
+        groups = {}
+        for spec in args.groups:
+            label, dirs = parse_group(spec)
+            groups[label] = [load_curve(d) for d in dirs]
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    out = plot_groups(groups, args.out, args.title, args.target)
+    for label, curves in groups.items():
+        best = [float(c.eval_return.max()) for c in curves]
+        print(f"{label}: {len(curves)} run(s), best eval {min(best):.1f}-{max(best):.1f}")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdream", description="fastdream: fast DreamerV3-style world-model RL")
     sub = p.add_subparsers(dest="command", required=True)
@@ -239,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", default=None, help="directory to save the replay to")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_collect)
+
+    pl = sub.add_parser("plot", help="learning curves (eval return vs env steps and vs wall clock) as a PNG")
+    pl.add_argument("groups", nargs="+", metavar="[LABEL=]DIR[,DIR...]",
+                    help="runs to draw; the runs of one argument (e.g. seeds) share a colour and a mean curve")
+    pl.add_argument("--out", default="curves.png", help="PNG to write (default: curves.png)")
+    pl.add_argument("--title", default="")
+    pl.add_argument("--target", type=float, default=None, help="draw the task's target return as a line")
+    pl.set_defaults(func=_cmd_plot)
 
     b = sub.add_parser("bench", help="run benchmark suites and print one table with ratios")
     b.add_argument("suites", nargs="*", help="suites to run (default: all): replay, env, dream, train")

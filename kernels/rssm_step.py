@@ -167,10 +167,10 @@ def unimix_sample(logits: torch.Tensor, noise: torch.Tensor, unimix: float
     return UnimixSample.apply(logits, noise, unimix)
 
 
-def rssm_step(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, noise: torch.Tensor,
-              index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One prior step of ``fastdream.rssm.RSSM`` with the fused kernels: ``(deter, stoch, prior_logits,
+def rssm_step(rssm, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, noise: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One prior step of ``fastdream.model.rssm.RSSM`` with the fused kernels: ``(deter, stoch, prior_logits,
     index)``, as ``RSSM.img_step``."""
-    deter = gru_gate(rssm.gate_inputs(deter, stoch, rssm.action_input(action), index), deter, rssm.blocks)
+    deter = gru_gate(rssm.gate_inputs(deter, stoch, rssm.action_input(action)), deter, rssm.blocks)
     mixed, sample, index = unimix_sample(rssm.prior_raw(deter), noise, rssm.unimix)
     return deter, sample, mixed, index

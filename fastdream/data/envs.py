@@ -1,6 +1,6 @@
 """Vectorised environments (EnvPool, or gymnasium for any other id) in one step-row format.
 
-Rows follow shared/DESIGN.md "Episode boundaries": after an episode ends, the next row is the
+Rows follow docs/design.md "Episode boundaries": after an episode ends, the next row is the
 reset observation with ``is_first=1`` and reward 0; ``is_terminal`` marks true termination only,
 ``is_last`` both termination and truncation. The action stored with a row is the one that led to
 it (zero on ``is_first`` rows, whose action the simulator ignored).

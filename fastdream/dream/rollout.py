@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 
 from fastdream.dream.engines import resolve_engine
+from fastdream.dream.step import DreamStep
 from fastdream.fast import ops, runtime
 from fastdream.fast.ops import write_into
 from fastdream.model.behavior import Actor
 from fastdream.model.maths import onehot as onehot_rows  # _rollout's flag is named onehot
 from fastdream.model.nets import autocast_input, onehot_table
-from fastdream.model.rssm import RSSM
 from fastdream.model.world_model import WorldModel
 
 # ---------------------------------------------------------------- noise and the rollout
@@ -39,61 +38,68 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
              noise_stoch: torch.Tensor, noise_action: torch.Tensor, step: Callable | None = None,
              onehot: bool = False,
              tables: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None):
-    """``H = len(noise_stoch)`` steps from one-hot start ``stoch`` → ``deter [N, H+1, D]``,
-    ``stoch [N, H+1, S, K]`` (``None`` if ``onehot``), ``action [N, H, A]``, ``index [N, H+1, S]`` (the
-    stoch classes). ``onehot`` (no-grad dreams): every layer reading stoch gathers weight rows by
-    ``index`` (``nets.onehot_linear``) and no dense stoch is kept, so a compiled rollout never writes one; under
-    autocast its ``deter`` sequence is kept in the autocast dtype, as every layer reads it (the recurrence itself
-    stays float32): the gate kernel writes that copy and the block matmul's grouped one as it rounds
-    (``RSSM.img_step_low``), where inductor's casts wrote one per consumer, and the output has half the bytes.
-    The low-precision deter copies and the classes go straight into their time-major sequences (the gate and
-    draw kernels write step t's rows in place), where stacking them copied every step's.
-    ``tables``: ``_gather_tables`` built already."""
+    """``H = len(noise_stoch)`` steps from one-hot start ``stoch`` → time-major-backed ``deter [N, H+1, D]``,
+    ``stoch [N, H+1, S, K]`` (``None`` if ``onehot``), ``action [N, H, A]``, ``index [N, H+1, S]`` (the stoch
+    classes). ``onehot`` (no-grad dreams): the steps run on the classes (``DreamStep``), every layer reading stoch
+    gathers weight rows by them and no dense stoch is kept, so a compiled rollout never writes one. ``step``: another
+    step function of ``RSSM.img_step``'s signature (the triton engine's). ``tables``: ``_gather_tables`` built
+    already."""
+    if onehot and step is None:
+        return _onehot_rollout(world_model, actor, deter, stoch, noise_stoch, noise_action, tables)
     rssm = world_model.rssm
-    index = class_index(stoch) if onehot else stoch.argmax(-1)
+    index = stoch.argmax(-1)
     deters, stochs, actions, indices = [deter], [stoch], [], [index]
-    action_table = low = seqs = stoch_table = None
-    # The block GRU's first-layer weights as its matmuls read them, built once for the H steps (built per step, a
-    # compiled rollout re-permuted the shared part, a [3H, D] copy, every step).
-    weights = rssm.dynhid_weights() if step is None else None
-    if onehot:
-        deters[0] = autocast_input(deter)
-        actor_table, stoch_table, action_table = tables if tables is not None else _gather_tables(world_model, actor)
-        if step is None:
-            if deters[0].dtype != deter.dtype:  # autocast: carry deter's low-precision copies (RSSM.img_step_low)
-                g, h = rssm.blocks, noise_stoch.shape[0]
-                seqs = (deters[0].new_empty(h + 1, *deters[0].shape), index.new_empty(h + 1, *index.shape))
-                write_into(deters[0], seqs[0][0])
-                write_into(index, seqs[1][0])
-                low = (seqs[0][0], deters[0].reshape(-1, g, rssm.deter // g).transpose(0, 1).contiguous())
-        else:
-            action_table = None  # another step function computes its own action input
-    if step is None:
-        step = partial(RSSM.img_step, table=stoch_table, weights=weights)
+    weights = rssm.dynhid_weights()  # once for the H steps, not per step
     for t in range(noise_stoch.shape[0]):
-        kw = {}
-        if action_table is not None:  # a one-hot action's GRU input is a row of the action table
-            picked = actor.sample_index_with_noise(deters[-1], noise_action[t], (index, rssm.classes, actor_table))
-            action = onehot_rows(picked, actor.action_dim, noise_action.dtype)
-            kw["action_in"] = (action_table, picked)
-        elif onehot:
-            action = actor.sample_with_noise(deters[-1], noise_action[t], (index, rssm.classes, actor_table))
+        action = actor.sample_with_noise(rssm.feat(deter, stoch), noise_action[t])
+        if step is None:  # RSSM.img_step with the weights built once
+            deter = rssm.gru_step(deter, stoch, rssm.action_input(action), weights)
+            stoch, _, index = rssm.prior_draw(deter, noise_stoch[t])
         else:
-            action = actor.sample_with_noise(rssm.feat(deter, stoch), noise_action[t])
-        if low is not None:
-            deter, low, stoch, _, index = rssm.img_step_low(deter, low, stoch, action, noise_stoch[t], index,
-                                                             stoch_table, out=(seqs[0][t + 1], seqs[1][t + 1]),
-                                                             weights=weights, **kw)
-        else:
-            deter, stoch, _, index = step(rssm, deter, stoch, action, noise_stoch[t], index if onehot else None, **kw)
-        deters.append(low[0] if low is not None else autocast_input(deter) if onehot else deter)
+            deter, stoch, _, index = step(rssm, deter, stoch, action, noise_stoch[t])
+        deters.append(deter)
         stochs.append(stoch)
         actions.append(action)
         indices.append(index)
-    # Time-major stacks: each step writes one contiguous block, and a window of H states is contiguous.
-    stoch_seq = None if onehot else _batch_major(torch.stack(stochs))
+    return tuple(_batch_major(torch.stack(x)) for x in (deters, stochs, actions, indices))
+
+
+def _onehot_rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: torch.Tensor,
+                    noise_stoch: torch.Tensor, noise_action: torch.Tensor,
+                    tables: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None):
+    """``_rollout`` of a no-grad dream on the stoch classes. Under autocast its ``deter`` sequence is kept in the
+    autocast dtype, as every layer reads it (the recurrence stays float32): the gate kernel writes that copy and the
+    block matmul's grouped one as it rounds, where inductor's casts wrote one per consumer, and the low-precision
+    deter rows and the classes go straight into their time-major sequences (the gate and draw kernels write step
+    t's rows in place), where stacking them copied every step's."""
+    rssm = world_model.rssm
+    index = class_index(stoch)
+    actor_table, stoch_table, action_table = tables if tables is not None else _gather_tables(world_model, actor)
+    deters, actions, indices = [autocast_input(deter)], [], [index]
+    seqs = low = None
+    if deters[0].dtype != deter.dtype:  # autocast: carry deter's low-precision copies
+        g, h = rssm.blocks, noise_stoch.shape[0]
+        seqs = (deters[0].new_empty(h + 1, *deters[0].shape), index.new_empty(h + 1, *index.shape))
+        write_into(deters[0], seqs[0][0])
+        write_into(index, seqs[1][0])
+        low = (seqs[0][0], deters[0].reshape(-1, g, rssm.deter // g).transpose(0, 1).contiguous())
+    dream = DreamStep(rssm, stoch_table, low)
+    for t in range(noise_stoch.shape[0]):
+        hot = (index, rssm.classes, actor_table)
+        if action_table is not None:  # a one-hot action's GRU input is a row of the action table
+            picked = actor.sample_index_with_noise(deters[-1], noise_action[t], hot)
+            action = onehot_rows(picked, actor.action_dim, noise_action.dtype)
+            action_in = (action_table, picked)
+        else:
+            action = actor.sample_with_noise(deters[-1], noise_action[t], hot)
+            action_in = rssm.action_input(action)
+        deter, index = dream(deter, index, action_in, noise_stoch[t], None if seqs is None else
+                             (seqs[0][t + 1], seqs[1][t + 1]))
+        deters.append(dream.low[0] if low is not None else autocast_input(deter))
+        actions.append(action)
+        indices.append(index)
     deter_seq, index_seq = seqs if seqs is not None else (torch.stack(deters), torch.stack(indices))
-    return _batch_major(deter_seq), stoch_seq, _batch_major(torch.stack(actions)), _batch_major(index_seq)
+    return _batch_major(deter_seq), None, _batch_major(torch.stack(actions)), _batch_major(index_seq)
 
 
 def _batch_major(x: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,9 @@ from fastdream.model.nets import (
     Stack,
     gru_gate_grouped,
     norm_silu,
-    norm_silu_cat,
-    onehot_norm_silu,
     onehot_table,
     unimix_index,
 )
-
-# The GRU's action input: ``action_input(action)`` [N, H], or ``(action_table(A), classes [N])``, the rows of it.
-ActionIn = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 class RSSM(nn.Module):
@@ -71,55 +66,37 @@ class RSSM(nn.Module):
         """``[..., A]`` → the GRU's action input ``[..., H]`` (actions scaled into [-1, 1] first)."""
         return self.dynin_action(action / action.abs().clamp(min=1.0).detach())
 
-    def gate_inputs(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
-                    index: torch.Tensor | None = None,
-                    weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Block-GRU gate pre-activations ``[N, 3D]`` (laid out ``[N, G, 3, D/G]``): ``self.gru`` of
-        ``gru_input`` (same arguments)."""
-        return self.gru(self.gru_input(deter, stoch, action_in, index, weights))
+    def gru_input(self, deter: torch.Tensor, stoch_in: torch.Tensor, action_in: torch.Tensor,
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The block GRU's input laid out for its block matmul ``[G, N, D/G]``, from deter ``[N, D]`` and the stoch
+        and action inputs ``[N, H]`` (``dynin_stoch``'s and ``action_input``'s outputs). ``weights``:
+        ``dynhid_weights()`` built already."""
+        x = torch.cat([self.dynin_deter(deter), stoch_in, action_in], -1)
+        return self.block_input(deter, x, weights)
 
-    def gru_step(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: ActionIn,
-                 index: torch.Tensor | None = None,
-                 weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 table: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 copies: bool = False, rows_out: torch.Tensor | None = None
-                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The next deter ``[N, D]``: the gate maths on ``gate_inputs`` (same arguments), fused with the GRU's
-        bias on the block matmul's output (``nets.gru_gate_grouped``). ``low``/``copies``/``rows_out``: see
-        ``img_step_low``."""
-        y = torch.bmm(self.gru_input(deter, stoch, action_in, index, weights, True, table, low), self.gru.weight)
-        return gru_gate_grouped(y, self.gru.bias, deter, copies, rows_out)
-
-    def gru_input(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: ActionIn,
-                  index: torch.Tensor | None = None,
-                  weights: tuple[torch.Tensor, torch.Tensor] | None = None, grouped: bool = False,
-                  table: torch.Tensor | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None
-                  ) -> torch.Tensor:
-        """The block GRU's input ``[N, D]`` (dynhid's output) from ``action_in = action_input(action)``, or from
-        ``action_in = (action_table(A), action classes [N])``, the rows of it.
-        ``index [N, S]``: ``stoch`` is ``one_hot(index)``, so its input layer gathers weight rows
-        (``nets.onehot_linear``). ``weights``: ``dynhid_weights()`` built already. ``grouped``: laid out
-        ``[G, N, D/G]`` for the block matmul (``nets.norm_silu`` writes it so; no transposed copy). ``table``:
-        ``stoch_table()`` built already. ``low``: deter in the matmuls' dtype, ``[N, D]`` and ``[G, N, D/G]``."""
-        if isinstance(action_in, tuple) and index is not None and low is not None:
-            # No-grad low-precision rollouts: the three parts written into one array (nets.norm_silu_cat).
-            table = self.stoch_table() if table is None else table
-            x = norm_silu_cat(F.linear(low[0], self.dynin_deter[0].weight), self.dynin_deter[1], table, index,
-                              self.classes, self.dynin_stoch[1], *action_in)
-        else:
-            if isinstance(action_in, tuple):
-                action_in = action_in[0][action_in[1]]
-            if index is not None:
-                stoch_in = onehot_norm_silu(stoch.flatten(-2), self.dynin_stoch[0].weight, self.dynin_stoch[1], index,
-                                            self.classes, table)
-            else:
-                stoch_in = self.dynin_stoch(stoch.flatten(-2))
-            x = torch.cat([self.dynin_deter(deter if low is None else low[0]), stoch_in, action_in], -1)
-        if grouped and len(self.dynhid) == 3:  # one layer: its Norm and SiLU sum its parts, write the grouped layout
-            own, shared = self.dynhid_parts(deter, x, weights, None if low is None else low[1])
+    def block_input(self, deter: torch.Tensor, x: torch.Tensor,
+                    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    deter_grouped: torch.Tensor | None = None) -> torch.Tensor:
+        """dynhid on group inputs ``[deter_g ‖ x]`` (``x [N, 3H]``, the three inputs, shared by the G groups),
+        laid out ``[G, N, D/G]`` for the GRU's block matmul. ``deter_grouped``: deter as ``[G, N, D/G]`` already."""
+        if len(self.dynhid) == 3:  # one layer: its Norm and SiLU sum its parts and write the grouped layout
+            own, shared = self.dynhid_parts(deter, x, weights, deter_grouped)
             return norm_silu(shared, self.dynhid[1], self.blocks, own, self.dynhid[0].bias)
         h = self.dynhid[1:](self.dynhid_first(deter, x, weights))
-        return h.reshape(-1, self.blocks, self.deter // self.blocks).transpose(0, 1).contiguous() if grouped else h
+        return h.reshape(-1, self.blocks, self.deter // self.blocks).transpose(0, 1).contiguous()
+
+    def gru_step(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor,
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The next deter ``[N, D]`` from ``stoch [N, S, K]`` and ``action_in = action_input(action)``: the block
+        GRU's gate maths on its block matmul's output, its bias fused in (``nets.gru_gate_grouped``)."""
+        y = torch.bmm(self.gru_input(deter, self.dynin_stoch(stoch.flatten(-2)), action_in, weights), self.gru.weight)
+        return gru_gate_grouped(y, self.gru.bias, deter)
+
+    def gate_inputs(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor) -> torch.Tensor:
+        """The block GRU's gate pre-activations ``[N, 3D]`` (laid out ``[N, G, 3, D/G]``, bias included), for a
+        fused gate kernel (``kernels.rssm_step``)."""
+        y = torch.bmm(self.gru_input(deter, self.dynin_stoch(stoch.flatten(-2)), action_in), self.gru.weight)
+        return y.transpose(0, 1).reshape(deter.shape[0], -1) + self.gru.bias
 
     def dynhid_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first dynhid layer's weight split as ``dynhid_first`` reads it: ``own [G, D/G, D/G]`` and
@@ -149,17 +126,9 @@ class RSSM(nn.Module):
         own = torch.bmm(grouped, own_w)  # [G, N, D/G]
         return own, x @ shared_w
 
-    def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
-             index: torch.Tensor | None = None, table: torch.Tensor | None = None,
-             action_in: ActionIn | None = None, low: tuple[torch.Tensor, torch.Tensor] | None = None,
-             copies: bool = False, rows_out: torch.Tensor | None = None,
-             weights: tuple[torch.Tensor, torch.Tensor] | None = None
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block-GRU update: ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]`` (``action_in``:
-        ``action_input(action)`` known already, e.g. rows of ``action_table``; ``low``/``copies``: see
-        ``img_step_low``; ``weights``: ``dynhid_weights()`` built already)."""
-        return self.gru_step(deter, stoch, self.action_input(action) if action_in is None else action_in, index,
-                             weights, table=table, low=low, copies=copies, rows_out=rows_out)
+    def core(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """h_t = f(h_{t-1}, z_{t-1}, a_{t-1}): ``[N, D], [N, S, K], [N, A]`` → next deter ``[N, D]``."""
+        return self.gru_step(deter, stoch, self.action_input(action))
 
     def action_table(self, actions: int) -> torch.Tensor:
         """``action_input`` of each one-hot action ``[A, H]``: the GRU's action input of a one-hot action is row
@@ -181,51 +150,27 @@ class RSSM(nn.Module):
 
     # ---------------------------------------------------------------- steps
     def img_step(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
-                 noise: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                 table: torch.Tensor | None = None, action_in: ActionIn | None = None,
-                 weights: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One imagined step from the prior: ``(deter, stoch, prior_logits, index [N, S])``, ``index``
-        the classes of the new ``stoch`` sample (the given ``index`` and ``table``: see ``gru_input``;
-        ``action_in``, ``weights``: see ``core``)."""
-        deter = self.core(deter, stoch, action, index, table, action_in, weights=weights)
+                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One imagined step from the prior: ``(deter [N, D], stoch [N, S, K], prior_logits [N, S, K], index [N, S])``,
+        ``index`` the classes of the new ``stoch`` sample (``noise [N, S]`` uniform, fresh if None)."""
+        deter = self.core(deter, stoch, action)
         return (deter, *self.prior_draw(deter, noise))
 
-    def img_step_low(self, deter: torch.Tensor, low: tuple[torch.Tensor, torch.Tensor], stoch: torch.Tensor,
-                     action: torch.Tensor, noise: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                     table: torch.Tensor | None = None, action_in: ActionIn | None = None,
-                     out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     weights: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor,
-                                torch.Tensor]:
-        """``img_step`` carrying ``low``: deter in the matmuls' (autocast) dtype as they read it, ``[N, D]`` and
-        ``[G, N, D/G]``; returns ``(deter, low, stoch, prior_logits, index)`` with the new deter's, which the gate
-        kernel writes as it rounds (no-grad bf16 rollouts: one pass, where casts wrote four copies per step).
-        ``out``: the arrays ``([N, D], [N, S])`` (e.g. a step of stacked sequences) that the new deter's ``[N, D]``
-        copy and the drawn ``index`` are written into, and returned as."""
-        rows_out, index_out = out if out is not None else (None, None)
-        deter, rows, grouped = self.core(deter, stoch, action, index, table, action_in, low, copies=True,
-                                         rows_out=rows_out, weights=weights)
-        return (deter, (rows, grouped), *self.prior_draw(deter, noise, rows, index_out))
-
-    def prior_draw(self, deter: torch.Tensor, noise: torch.Tensor | None = None,
-                   features_in: torch.Tensor | None = None, index_out: torch.Tensor | None = None
+    def prior_draw(self, deter: torch.Tensor, noise: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A draw from the prior of ``deter [N, D]`` (read as ``features_in`` where given, e.g. its bf16 copy):
-        ``(stoch, prior_logits, index [N, S])``; ``index_out``: the ``[N, S]`` array the index is written into."""
+        """A draw from the prior of ``deter [N, D]``: ``(stoch, prior_logits, index [N, S])``; straight-through where
+        a gradient flows, else drawn from the logits in one pass (``nets.unimix_index``)."""
         # The head's matmul without its bias: the draw adds it (an addmm copied it into all N rows on one thread).
         head = self.prior_net.head
-        unbiased = F.linear(self.prior_net.features(deter if features_in is None else features_in), head.weight)
+        unbiased = F.linear(self.prior_net.features(deter), head.weight)
         raw = (unbiased + head.bias).reshape(*deter.shape[:-1], self.stoch, self.classes)
         probs = unimix_probs(raw, self.unimix)
         if noise is None:
             noise = torch.rand(probs.shape[:-1], device=probs.device, dtype=probs.dtype)
         if probs.requires_grad:
             stoch, index = straight_through_draw(probs, noise)
-            if index_out is not None:
-                index = index_out.copy_(index)
-        else:  # no gradient to pass on: draw from the logits in one pass (a compiled rollout drops ``probs``)
-            index = unimix_index(unbiased.reshape(raw.shape), noise, self.unimix, head.bias, index_out)
+        else:
+            index = unimix_index(unbiased.reshape(raw.shape), noise, self.unimix, head.bias)
             stoch = onehot(index, self.classes, probs.dtype)
         return stoch, probs.log(), index
 
@@ -257,7 +202,7 @@ class RSSM(nn.Module):
         (``action_input`` of the kept action), ``embed_proj`` (``embed_proj(embed)``), ``_step_weights()``."""
         deter = deter * keep[:, None]
         stoch = stoch * keep[:, None, None]
-        deter = self.gru_step(deter, stoch, action_in, weights=weights[:2])
+        deter = self.gru_step(deter, stoch, action_in, weights[:2])
         x = F.linear(deter, weights[2]) + embed_proj
         x = self.post_net.head(self.post_net.body[1:](x))
         probs = unimix_probs(x.reshape(*deter.shape[:-1], self.stoch, self.classes), self.unimix)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,192 +149,268 @@ def _set_rng_state(state: dict[str, Any], policy: RandomPolicy) -> None:
 
 def train(cfg: Config | None, run_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True,
           stop_at_env_steps: int | None = None, steps: int | None = None, minutes: float | None = None,
-          log_fn=None) -> TrainResult:
+          log_fn: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Trains an agent as ``cfg`` says; returns a TrainResult.
 
     ``resume`` continues ``run_dir`` with its saved config (``cfg`` may be None); ``steps`` and
     ``minutes`` then override the saved env-step and wall-clock budgets. ``stop_at_env_steps``
-    checkpoints and returns once that many env steps are done, as Ctrl-C would.
+    checkpoints and returns once that many env steps are done, as Ctrl-C would. ``log_fn(env_steps, row)``
+    sees every metrics row as it is written.
     """
-    run_dir = Path(run_dir)
-    state = None
-    if resume:
-        state, saved_replay = checkpoint.load(run_dir)
-        cfg = Config.from_dict(state["config"])
-    if cfg is None:
-        raise ValueError("train() needs a config unless it resumes a run")
-    if steps is not None:
-        cfg.train.steps = steps
-    if minutes is not None:
-        cfg.train.minutes = minutes
-    validate(cfg)
-    t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
-    np.random.seed(t.seed)
-    random.seed(t.seed)
-    device = resolve_device(t.device)
-    env = build_env(cfg)
-    agent = build_agent(cfg, env, device)
-    random_policy = RandomPolicy(env, seed=t.seed)
-    replay = ReplayBuffer(t.replay_capacity, env.num_envs, env.replay_spec, seed=t.seed)
-    counters = {"env_steps": 0, "updates": 0, "owed": 0.0, "last_eval": 0, "evals": 0, "skipped": 0,
-                "wall_time": 0.0}
-    action_log: list[np.ndarray] = []
-    last_eval: float | None = None
-    collector = Collector(env, replay, random_policy)
-    if state is not None:
-        agent.load_full_state(state["agent"])
-        agent.carry_deter.copy_(state["carry"][0])
-        agent.carry_stoch.copy_(state["carry"][1])
-        counters.update(state["counters"])
-        last_eval = state.get("last_eval")
+    run = TrainingRun(cfg, Path(run_dir), resume, steps, minutes, progress, log_fn)
+    return run.loop(stop_at_env_steps)
+
+
+class TrainingRun:
+    """One run's state and its named steps: ``act`` (one env step with the acting policy, rows into replay),
+    ``owe``/``update_due`` (the train ratio), ``update`` (one train step on a replay batch), ``evaluate``,
+    ``checkpoint``, ``log`` (a metrics row) and ``report`` (the progress line); ``loop`` strings them together."""
+
+    def __init__(self, cfg: Config | None, run_dir: Path, resume: bool, steps: int | None, minutes: float | None,
+                 progress: bool, log_fn: Callable[[int, dict[str, float]], None] | None) -> None:
+        state = saved_replay = None
+        if resume:
+            state, saved_replay = checkpoint.load(run_dir)
+            cfg = Config.from_dict(state["config"])
+        if cfg is None:
+            raise ValueError("train() needs a config unless it resumes a run")
+        if steps is not None:
+            cfg.train.steps = steps
+        if minutes is not None:
+            cfg.train.minutes = minutes
+        validate(cfg)
+        self.cfg, self.run_dir, self.log_fn = cfg, run_dir, log_fn
+        t = self.t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+        random.seed(t.seed)
+        self.device = resolve_device(t.device)
+        self.env = build_env(cfg)
+        self.agent = build_agent(cfg, self.env, self.device)
+        self.random_policy = RandomPolicy(self.env, seed=t.seed)
+        self.replay = ReplayBuffer(t.replay_capacity, self.env.num_envs, self.env.replay_spec, seed=t.seed)
+        self.counters = {"env_steps": 0, "updates": 0, "owed": 0.0, "last_eval": 0, "evals": 0, "skipped": 0,
+                         "wall_time": 0.0}
+        self.action_log: list[np.ndarray] = []
+        self.last_eval: float | None = None
+        self.collector = Collector(self.env, self.replay, self.random_policy)
+        if state is not None:
+            self._restore(state, saved_replay)
+        else:
+            self.collector.reset()
+            self.counters["env_steps"] = self.collector.env_steps
+        self.logger = Logger(run_dir)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        self.bar = Progress(t.steps, enabled=progress)
+        self.batch = self.replay.alloc_batch(t.batch_size, t.seq_len)
+        self.t0 = time.perf_counter()
+        self.wall0, self.updates0 = self.counters["wall_time"], self.counters["updates"]
+        self.window = {"env_steps": self.counters["env_steps"], "updates": self.counters["updates"], "time": self.t0}
+        self.returns: list[float] = []
+        self.metrics_acc: dict[str, list[float]] = {}
+        self.consecutive_bad = 0
+        self.compiled: set[bool] = set()  # train_behavior values whose compiled graphs this process has built
+
+    def _restore(self, state: dict[str, Any], saved_replay: ReplayBuffer | None) -> None:
+        """Continues a checkpoint: weights, counters, RNG states, and the envs fast-forwarded through the logged
+        actions from the same seed (EnvPool cannot be pickled)."""
+        self.agent.load_full_state(state["agent"])
+        self.agent.carry_deter.copy_(state["carry"][0])
+        self.agent.carry_stoch.copy_(state["carry"][1])
+        self.counters.update(state["counters"])
+        self.last_eval = state.get("last_eval")
         if saved_replay is not None:
-            replay = saved_replay
-            collector.replay = replay
-        # Envs cannot be pickled: replay the logged actions from the same seed to restore them exactly.
-        action_log = list(state["action_log"])
+            self.replay = self.collector.replay = saved_replay
+        self.action_log = list(state["action_log"])
+        env, col = self.env, self.collector
         env.render_enabled = False
-        collector.rows = env.reset()
-        for i, a in enumerate(action_log):
-            env.render_enabled = i == len(action_log) - 1
-            collector.rows = env.step(a, collector.rows["env_ids"])
+        col.rows = env.reset()
+        for i, a in enumerate(self.action_log):
+            env.render_enabled = i == len(self.action_log) - 1
+            col.rows = env.step(a, col.rows["env_ids"])
         env.render_enabled = True
         env.pop_episodes()
-        collector.env_steps = counters["env_steps"]
-        _set_rng_state(state["rng"], random_policy)
-    else:
-        collector.reset()
-        counters["env_steps"] = collector.env_steps
-    logger = Logger(run_dir)
-    (run_dir / "config.json").write_text(__import__("json").dumps(cfg.to_dict(), indent=1))
-    stop = _StopFlag()
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = Progress(t.steps, enabled=progress)
-    seq_updates = t.batch_size * t.seq_len
-    out = replay.alloc_batch(t.batch_size, t.seq_len)
-    t0 = time.perf_counter()
-    wall0 = counters["wall_time"]
-    updates0 = counters["updates"]
-    window = {"env_steps": counters["env_steps"], "updates": counters["updates"], "time": t0}
-    returns: list[float] = []
-    metrics_acc: dict[str, list[float]] = {}
-    consecutive_bad = 0
-    stopped = "budget"
-    compiled: set[bool] = set()  # train_behavior values whose compiled graphs this process has built
+        col.env_steps = self.counters["env_steps"]
+        _set_rng_state(state["rng"], self.random_policy)
 
-    def save_checkpoint() -> Path:
-        counters["wall_time"] = wall0 + time.perf_counter() - t0
-        st = {"config": cfg.to_dict(), "agent": agent.full_state(), "counters": dict(counters),
-              "carry": (agent.carry_deter.cpu().clone(), agent.carry_stoch.cpu().clone()),
-              "rng": _rng_state(random_policy), "action_log": action_log if not env.is_async else [],
-              "last_eval": last_eval}
-        return checkpoint.save(run_dir, st, replay if t.save_replay else None)
+    # ---------------------------------------------------------------- the steps
+    def wall_time(self) -> float:
+        """Seconds of this run's wall clock, counted across resumes."""
+        return self.wall0 + time.perf_counter() - self.t0
 
-    try:
-        while counters["env_steps"] < t.steps:
-            if stop.signal:
-                stopped = "interrupted"
-                break
-            if stop_at_env_steps is not None and counters["env_steps"] >= stop_at_env_steps:
-                stopped = "stop_at"
-                break
-            if t.minutes > 0 and wall0 + time.perf_counter() - t0 >= 60.0 * t.minutes:
-                stopped = "time_budget"
-                break
-            training = counters["env_steps"] >= t.prefill
-            collector.policy = agent.policy if training else random_policy
-            before = collector.env_steps
-            collector.step()
-            if not env.is_async:
-                action_log.append(collector.last_actions.copy())
-            new = collector.env_steps - before
-            counters["env_steps"] = collector.env_steps
-            returns += [r for r, _ in env.pop_episodes()]
-            if training and replay.num_windows(t.seq_len) > 0:
-                counters["owed"] += new * t.train_ratio / seq_updates
-                while counters["owed"] >= 1.0:
-                    counters["owed"] -= 1.0
-                    replay.sample(t.batch_size, t.seq_len, t.recency, out=out)
-                    batch = {k: torch.as_tensor(v).to(device) for k, v in out.items()}
-                    behave = counters["updates"] >= t.warmup_updates
-                    if agent.compiled and behave not in compiled:  # first call of each graph
-                        compiled.add(behave)
-                        what = "dream rollout" if behave else "world model"
-                        bar.update(counters["env_steps"], f"compiling the {what} (first call, up to a minute; "
-                                   "cached on disk by torch.compile for later runs)", force=True)
-                    m = agent.train_step(batch, train_behavior=behave, update=counters["updates"])
-                    counters["updates"] += 1
-                    if m["health/skipped"]:
-                        counters["skipped"] += 1
-                        consecutive_bad += 1
-                        logger.write(counters["env_steps"], {**m, "health/skipped_total": counters["skipped"]})
-                        if consecutive_bad >= t.max_bad_updates:
-                            raise UnhealthyRun(
-                                f"{consecutive_bad} consecutive updates had non-finite losses or gradients "
-                                f"(last: {m}); stopped at {counters['env_steps']} env steps, the last good "
-                                f"checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR} is intact")
-                        continue
-                    consecutive_bad = 0
-                    for k, v in m.items():
-                        metrics_acc.setdefault(k, []).append(v)
-                    if counters["updates"] % t.log_every == 0:
-                        now = time.perf_counter()
-                        dt = max(now - window["time"], 1e-9)
-                        row = {k: float(np.mean(v)) for k, v in metrics_acc.items()}
-                        row.update({
-                            "perf/env_steps_per_s": (counters["env_steps"] - window["env_steps"]) / dt,
-                            "perf/updates_per_s": (counters["updates"] - window["updates"]) / dt,
-                            "progress/updates": counters["updates"],
-                            "health/skipped_total": counters["skipped"],
-                        })
-                        if returns:
-                            row["episode/return"] = float(np.mean(returns[-100:]))
-                        logger.write(counters["env_steps"], row)
-                        if log_fn:
-                            log_fn(counters["env_steps"], row)
-                        metrics_acc.clear()
-                        window = {"env_steps": counters["env_steps"], "updates": counters["updates"], "time": now}
-                    if counters["updates"] % t.checkpoint_every == 0:
-                        save_checkpoint()
-            if training and counters["env_steps"] - counters["last_eval"] >= t.eval_every:
-                counters["last_eval"] = counters["env_steps"]
-                counters["evals"] += 1
-                rets = evaluate(agent, cfg, t.eval_episodes, seed=t.seed + 100_000 + counters["evals"])
-                last_eval = float(np.mean(rets))
-                logger.write(counters["env_steps"], {"eval/return": last_eval, "eval/return_min": min(rets),
-                                                     "eval/return_max": max(rets),
-                                                     "progress/updates": counters["updates"]})
-                if log_fn:
-                    log_fn(counters["env_steps"], {"eval/return": last_eval})
-                if last_eval >= cfg.env.target_return:
+    @property
+    def training(self) -> bool:
+        """Past the random prefill: the agent acts and updates."""
+        return self.counters["env_steps"] >= self.t.prefill
+
+    def stop_reason(self, stop_flag: _StopFlag, stop_at_env_steps: int | None) -> str | None:
+        """Why the run stops before its next step (None: it goes on)."""
+        c, t = self.counters, self.t
+        if c["env_steps"] >= t.steps:
+            return "budget"
+        if stop_flag.signal:
+            return "interrupted"
+        if stop_at_env_steps is not None and c["env_steps"] >= stop_at_env_steps:
+            return "stop_at"
+        if t.minutes > 0 and self.wall_time() >= 60.0 * t.minutes:
+            return "time_budget"
+        return None
+
+    def act(self) -> int:
+        """One step of every env with the acting policy (random during prefill), its rows into replay; returns
+        the env steps taken."""
+        self.collector.policy = self.agent.policy if self.training else self.random_policy
+        before = self.collector.env_steps
+        self.collector.step()
+        if not self.env.is_async:
+            self.action_log.append(self.collector.last_actions.copy())
+        self.counters["env_steps"] = self.collector.env_steps
+        self.returns += [r for r, _ in self.env.pop_episodes()]
+        return self.collector.env_steps - before
+
+    def owe(self, new_env_steps: int) -> None:
+        """Adds the updates that ``new_env_steps`` earn at the train ratio (one update replays B·T steps)."""
+        t = self.t
+        if self.training and self.replay.num_windows(t.seq_len) > 0:
+            self.counters["owed"] += new_env_steps * t.train_ratio / (t.batch_size * t.seq_len)
+
+    def update_due(self) -> bool:
+        """Whether an update is owed; takes it from the count (a checkpoint between updates keeps the rest)."""
+        if self.counters["owed"] < 1.0:
+            return False
+        self.counters["owed"] -= 1.0
+        return True
+
+    def update(self) -> None:
+        """One train step on a fresh replay batch; a non-finite one is skipped and counted, and too many in a row
+        raise ``UnhealthyRun``. Logs and checkpoints at their intervals."""
+        c, t = self.counters, self.t
+        self.replay.sample(t.batch_size, t.seq_len, t.recency, out=self.batch)
+        batch = {k: torch.as_tensor(v).to(self.device) for k, v in self.batch.items()}
+        behave = c["updates"] >= t.warmup_updates
+        if self.agent.compiled and behave not in self.compiled:  # first call of each graph
+            self.compiled.add(behave)
+            what = "dream rollout" if behave else "world model"
+            self.bar.update(c["env_steps"], f"compiling the {what} (first call, up to a minute; cached on disk by "
+                            "torch.compile for later runs)", force=True)
+        m = self.agent.train_step(batch, train_behavior=behave, update=c["updates"])
+        c["updates"] += 1
+        if m["health/skipped"]:
+            c["skipped"] += 1
+            self.consecutive_bad += 1
+            self.logger.write(c["env_steps"], {**m, "health/skipped_total": c["skipped"]})
+            if self.consecutive_bad >= t.max_bad_updates:
+                raise UnhealthyRun(
+                    f"{self.consecutive_bad} consecutive updates had non-finite losses or gradients (last: {m}); "
+                    f"stopped at {c['env_steps']} env steps, the last good checkpoint in "
+                    f"{self.run_dir / checkpoint.CHECKPOINT_DIR} is intact")
+            return
+        self.consecutive_bad = 0
+        for k, v in m.items():
+            self.metrics_acc.setdefault(k, []).append(v)
+        if c["updates"] % t.log_every == 0:
+            self.log()
+        if c["updates"] % t.checkpoint_every == 0:
+            self.checkpoint()
+
+    def log(self) -> None:
+        """One metrics row: the means of the updates since the last row, rates, returns, wall clock."""
+        c, now = self.counters, time.perf_counter()
+        dt = max(now - self.window["time"], 1e-9)
+        row = {k: float(np.mean(v)) for k, v in self.metrics_acc.items()}
+        row.update({
+            "perf/env_steps_per_s": (c["env_steps"] - self.window["env_steps"]) / dt,
+            "perf/updates_per_s": (c["updates"] - self.window["updates"]) / dt,
+            "progress/updates": c["updates"],
+            "progress/wall_time": self.wall_time(),
+            "health/skipped_total": c["skipped"],
+        })
+        if self.returns:
+            row["episode/return"] = float(np.mean(self.returns[-100:]))
+        self.write(row)
+        self.metrics_acc.clear()
+        self.window = {"env_steps": c["env_steps"], "updates": c["updates"], "time": now}
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.logger.write(self.counters["env_steps"], row)
+        if self.log_fn:
+            self.log_fn(self.counters["env_steps"], row)
+
+    def eval_due(self) -> bool:
+        return self.training and self.counters["env_steps"] - self.counters["last_eval"] >= self.t.eval_every
+
+    def evaluate(self) -> float:
+        """Deterministic episodes on fresh eval envs; logs and returns their mean return."""
+        c, t = self.counters, self.t
+        c["last_eval"] = c["env_steps"]
+        c["evals"] += 1
+        rets = evaluate(self.agent, self.cfg, t.eval_episodes, seed=t.seed + 100_000 + c["evals"])
+        self.last_eval = float(np.mean(rets))
+        self.write({"eval/return": self.last_eval, "eval/return_min": min(rets), "eval/return_max": max(rets),
+                    "progress/updates": c["updates"], "progress/wall_time": self.wall_time()})
+        return self.last_eval
+
+    def checkpoint(self) -> Path:
+        """Writes the checkpoint atomically (weights, optimisers, counters, RNG states, carry, action log, replay)."""
+        c = self.counters
+        c["wall_time"] = self.wall_time()
+        st = {"config": self.cfg.to_dict(), "agent": self.agent.full_state(), "counters": dict(c),
+              "carry": (self.agent.carry_deter.cpu().clone(), self.agent.carry_stoch.cpu().clone()),
+              "rng": _rng_state(self.random_policy), "action_log": self.action_log if not self.env.is_async else [],
+              "last_eval": self.last_eval}
+        return checkpoint.save(self.run_dir, st, self.replay if self.t.save_replay else None)
+
+    def report(self, force: bool = False) -> None:
+        """The progress line: env steps, training and eval returns, updates and their rate."""
+        c = self.counters
+        ups = (c["updates"] - self.updates0) / max(time.perf_counter() - self.t0, 1e-9)
+        ret_txt = f"{np.mean(self.returns[-100:]):.1f}" if self.returns else "-"
+        ev_txt = f"{self.last_eval:.1f}" if self.last_eval is not None else "-"
+        self.bar.update(c["env_steps"], f"return {ret_txt}  eval {ev_txt}  updates {c['updates']}"
+                        + (f" ({ups:.1f}/s)" if ups else ""), force=force)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+        self.env.close()
+
+    # ---------------------------------------------------------------- the loop
+    def loop(self, stop_at_env_steps: int | None = None) -> TrainResult:
+        """Acts, updates at the train ratio, evaluates, until solved, out of budget or interrupted (Ctrl-C and
+        SIGTERM stop it between steps); then checkpoints and summarises."""
+        stop = _StopFlag()
+        old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while (stopped := self.stop_reason(stop, stop_at_env_steps)) is None:
+                self.owe(self.act())
+                while self.update_due():
+                    self.update()
+                evaluated = self.eval_due()
+                if evaluated and self.evaluate() >= self.cfg.env.target_return:
                     stopped = "solved"
                     break
-            el = time.perf_counter() - t0
-            ups = (counters["updates"] - updates0) / max(el, 1e-9)
-            ret_txt = f"{np.mean(returns[-100:]):.1f}" if returns else "-"
-            ev_txt = f"{last_eval:.1f}" if last_eval is not None else "-"
-            # A plain-line log gets a line after every eval (last_eval == env_steps only when one just ran).
-            bar.update(counters["env_steps"], f"return {ret_txt}  eval {ev_txt}  updates {counters['updates']}"
-                       + (f" ({ups:.1f}/s)" if ups else ""), force=counters["last_eval"] == counters["env_steps"])
-    except UnhealthyRun:
-        bar.close()
-        logger.close()
-        env.close()
-        raise
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    bar.close()
-    ck_path = save_checkpoint()
-    wall = counters["wall_time"]  # the time the checkpoint holds, so a resume continues from the reported figure
-    summary = {"summary/eval_return": last_eval if last_eval is not None else float("nan"),
-               "summary/env_steps": counters["env_steps"], "summary/updates": counters["updates"],
-               "summary/wall_time": wall, "summary/stopped": stopped}
-    logger.write(counters["env_steps"], summary)
-    logger.close()
-    env.close()
-    return TrainResult(eval_return=last_eval, env_steps=counters["env_steps"], updates=counters["updates"],
-                       wall_time=wall, solved=stopped == "solved", stopped=stopped, run_dir=run_dir,
-                       checkpoint=ck_path, metrics=run_dir / "metrics.jsonl")
+                self.report(force=evaluated)  # a plain-line log gets a line after every eval
+        except UnhealthyRun:
+            self.close()
+            raise
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        return self.finish(stopped)
+
+    def finish(self, stopped: str) -> TrainResult:
+        self.bar.close()
+        ck_path = self.checkpoint()
+        c = self.counters
+        wall = c["wall_time"]  # the time the checkpoint holds, so a resume continues from the reported figure
+        self.logger.write(c["env_steps"], {
+            "summary/eval_return": self.last_eval if self.last_eval is not None else float("nan"),
+            "summary/env_steps": c["env_steps"], "summary/updates": c["updates"], "summary/wall_time": wall,
+            "summary/stopped": stopped})
+        self.logger.close()
+        self.env.close()
+        return TrainResult(eval_return=self.last_eval, env_steps=c["env_steps"], updates=c["updates"],
+                           wall_time=wall, solved=stopped == "solved", stopped=stopped, run_dir=self.run_dir,
+                           checkpoint=ck_path, metrics=self.run_dir / "metrics.jsonl")

@@ -1,0 +1,90 @@
+"""Learning curves from runs' ``metrics.jsonl``: eval return against env steps and against wall clock, one colour
+per group of runs (seeds), each run thin and the group's mean thick (``fastdream plot``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Curve:
+    """One run's evaluations: ``env_steps [E]``, ``minutes [E]`` of training wall clock, ``eval_return [E]``."""
+
+    run_dir: Path
+    env_steps: np.ndarray
+    minutes: np.ndarray
+    eval_return: np.ndarray
+
+
+def load_curve(run_dir: str | Path) -> Curve:
+    """The eval rows of ``run_dir/metrics.jsonl``; wall clock from ``progress/wall_time`` where the rows carry it
+    (counted across resumes), else from the rows' timestamps since the first row. A run without a metrics file or
+    without any evaluation is a ValueError naming it."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"no metrics.jsonl in {run_dir}")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "eval/return" in r]
+    if not evals:
+        raise ValueError(f"{path} has no eval/return rows yet")
+    t0 = rows[0]["time"]
+    minutes = [(r["progress/wall_time"] if "progress/wall_time" in r else r["time"] - t0) / 60.0 for r in evals]
+    return Curve(Path(run_dir), np.array([r["env_steps"] for r in evals], dtype=float), np.array(minutes),
+                 np.array([float(r["eval/return"]) for r in evals]))
+
+
+def group_mean(curves: list[Curve], axis: str, points: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and standard deviation of the groups' eval returns on a common grid of ``axis`` (``env_steps`` or
+    ``minutes``) up to where the shortest run ends, linearly interpolated: ``(grid, mean, std)``, each ``[points]``."""
+    end = min(float(getattr(c, axis)[-1]) for c in curves)
+    start = max(float(getattr(c, axis)[0]) for c in curves)
+    grid = np.linspace(start, max(end, start), points)
+    values = np.stack([np.interp(grid, getattr(c, axis), c.eval_return) for c in curves])
+    return grid, values.mean(0), values.std(0)
+
+
+def plot_groups(groups: dict[str, list[Curve]], out: str | Path, title: str = "", target: float | None = None) -> Path:
+    """Writes a PNG of two panels (eval return vs env steps, vs wall-clock minutes) to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for (label, curves), colour in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4,
+                                       strict=False):
+        for ax, axis in zip(axes, ("env_steps", "minutes"), strict=True):
+            for c in curves:
+                ax.plot(getattr(c, axis), c.eval_return, color=colour, alpha=0.3, lw=1)
+            grid, mean, std = group_mean(curves, axis)
+            ax.plot(grid, mean, color=colour, lw=2, label=f"{label} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(grid, mean - std, mean + std, color=colour, alpha=0.15)
+    for ax, name in zip(axes, ("env steps", "wall clock (minutes)"), strict=True):
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+        if target is not None:
+            ax.axhline(target, color="grey", ls="--", lw=1)
+    axes[0].set_ylabel("eval return (mean of the eval episodes)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def parse_group(spec: str) -> tuple[str, list[Path]]:
+    """``LABEL=DIR[,DIR...]`` or ``DIR[,DIR...]`` (the label is then the first directory's name)."""
+    label, _, dirs = spec.rpartition("=")
+    paths = [Path(d) for d in dirs.split(",") if d]
+    if not paths:
+        raise ValueError(f"no run directory in {spec!r} (expected LABEL=DIR[,DIR...])")
+    return label or paths[0].name, paths

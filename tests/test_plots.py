@@ -1,0 +1,49 @@
+"""Learning curves from metrics.jsonl: the eval rows read back, seeds averaged on a common grid, a PNG written."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastdream.run.plots import group_mean, load_curve, parse_group, plot_groups
+
+
+def write_run(path, evals, wall=True):
+    """A run directory whose metrics.jsonl holds update rows and eval rows as the training loop writes them."""
+    path.mkdir(parents=True)
+    rows = []
+    for i, (steps, ret) in enumerate(evals):
+        rows.append({"env_steps": steps - 10, "time": 1000.0 + 60 * i, "wm/loss": 1.0})
+        row = {"env_steps": steps, "time": 1000.0 + 60 * i + 30, "eval/return": ret}
+        if wall:
+            row["progress/wall_time"] = 120.0 * (i + 1)
+        rows.append(row)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_curves_are_read_averaged_and_plotted(tmp_path):
+    a = write_run(tmp_path / "a", [(1000, 10.0), (2000, 30.0), (3000, 50.0)])
+    b = write_run(tmp_path / "b", [(1000, 20.0), (2000, 50.0), (4000, 90.0)], wall=False)
+    ca, cb = load_curve(a), load_curve(b)
+    np.testing.assert_array_equal(ca.env_steps, [1000, 2000, 3000])
+    np.testing.assert_array_equal(ca.eval_return, [10.0, 30.0, 50.0])
+    np.testing.assert_allclose(ca.minutes, [2.0, 4.0, 6.0])  # progress/wall_time, counted across resumes
+    np.testing.assert_allclose(cb.minutes, [0.5, 1.5, 2.5])  # without it: since the first row
+    grid, mean, std = group_mean([ca, cb], "env_steps", points=5)
+    np.testing.assert_allclose(grid, [1000, 1500, 2000, 2500, 3000])  # up to where the shorter run ends
+    # b at 3000 steps interpolates 50 -> 90 over 2000..4000: 70; a ends at 50.
+    np.testing.assert_allclose(mean, [15.0, 27.5, 40.0, 50.0, 60.0])
+    np.testing.assert_allclose(std, [5.0, 7.5, 10.0, 10.0, 10.0])
+    out = plot_groups({"seeds": [ca, cb]}, tmp_path / "img" / "c.png", title="t", target=50.0)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    assert parse_group(f"CartPole={a},{b}") == ("CartPole", [a, b])
+    assert parse_group(str(a)) == ("a", [a])
+
+
+def test_runs_without_evaluations_are_refused_by_name(tmp_path):
+    write_run(tmp_path / "r", [])
+    with pytest.raises(ValueError, match="has no eval/return rows"):
+        load_curve(tmp_path / "r")
+    with pytest.raises(ValueError, match="no metrics.jsonl in"):
+        load_curve(tmp_path / "missing")
