@@ -59,3 +59,27 @@ def test_a_floor_loads_only_itself_and_the_floors_below(code, allowed, torch_ok)
 def test_the_package_hands_out_its_public_names_lazily():
     loaded = loaded_by("import fastdream; fastdream.ReplayBuffer; fastdream.make_env")
     assert "torch" not in loaded and "fastdream.data.replay" in loaded and "fastdream.run.train" not in loaded
+
+
+def test_the_readme_embedding_names_work_together():
+    """The README's embedding section, run: config, env, replay, agent, and a dream from real posterior states."""
+    import torch
+
+    import fastdream
+
+    cfg = fastdream.apply_sets(fastdream.apply_presets(fastdream.Config(), ["cartpole"]), ["train.steps=50000"])
+    assert cfg.train.steps == 50_000 and cfg.env.id == "CartPole-v1"
+    env = fastdream.make_env("CartPole-v1", num_envs=4)
+    replay = fastdream.ReplayBuffer(1_000, 4, env.replay_spec)
+    rows = env.reset()
+    replay.add({k: v for k, v in rows.items() if k != "env_ids"})
+    agent = fastdream.build_agent(cfg, env)
+    assert isinstance(agent, fastdream.Agent) and isinstance(agent.wm, fastdream.WorldModel)
+    actions = agent.policy(rows, rows["env_ids"])
+    assert actions.shape == (4,) and set(actions.tolist()) <= {0, 1}
+    starts = (agent.carry_deter.clone(), agent.carry_stoch.clone())
+    with torch.no_grad():
+        traj = fastdream.imagine(agent.wm, agent.behavior.actor, starts, horizon=5, engine="auto")
+    assert traj["reward"].shape == (4, 5) and traj["action"].shape == (4, 5, 2)
+    assert torch.isfinite(traj["reward"]).all() and len(replay) == 4
+    env.close()

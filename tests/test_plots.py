@@ -31,10 +31,10 @@ def test_curves_are_read_averaged_and_plotted(tmp_path):
     np.testing.assert_allclose(ca.minutes, [2.0, 4.0, 6.0])  # progress/wall_time, counted across resumes
     np.testing.assert_allclose(cb.minutes, [0.5, 1.5, 2.5])  # without it: since the first row
     grid, mean, std = group_mean([ca, cb], "env_steps", points=5)
-    np.testing.assert_allclose(grid, [1000, 1500, 2000, 2500, 3000])  # up to where the shorter run ends
-    # b at 3000 steps interpolates 50 -> 90 over 2000..4000: 70; a ends at 50.
-    np.testing.assert_allclose(mean, [15.0, 27.5, 40.0, 50.0, 60.0])
-    np.testing.assert_allclose(std, [5.0, 7.5, 10.0, 10.0, 10.0])
+    np.testing.assert_allclose(grid, [1000, 1750, 2500, 3250, 4000])  # up to where the longer run ends
+    # a (ended at 3000 steps) holds its last eval, 50; b interpolates 50 -> 90 over 2000..4000 steps.
+    np.testing.assert_allclose(mean, [15.0, 33.75, 50.0, 62.5, 70.0])
+    np.testing.assert_allclose(std, [5.0, 8.75, 10.0, 12.5, 20.0])
     out = plot_groups({"seeds": [ca, cb]}, tmp_path / "img" / "c.png", title="t", target=50.0)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     assert parse_group(f"CartPole={a},{b}") == ("CartPole", [a, b])

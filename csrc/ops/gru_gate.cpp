@@ -56,7 +56,7 @@ void gru_gate_rows_bf16_avx512(const uint16_t*, const float*, const float*, floa
                                int64_t, const GateCopies&) {}
 #endif
 
-// gru_gate: the block-GRU update (kernels/reference.py: gru_gate_reference) on the block matmul's own
+// gru_gate: the block-GRU update (model/maths.py: gru_gate) on the block matmul's own
 // output y [G, N, 3 · D/G] (group g's reset, candidate and update pre-activations of row n, before the bias):
 //   reset = σ(r), cand = tanh(reset · c) = 2σ(2 reset c) − 1, update = σ(u − 1),
 //   out[n, g D/G + j] = update · cand + (1 − update) · deter[n, g D/G + j]   (float32).

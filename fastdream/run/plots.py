@@ -39,9 +39,10 @@ def load_curve(run_dir: str | Path) -> Curve:
 
 def group_mean(curves: list[Curve], axis: str, points: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and standard deviation of the groups' eval returns on a common grid of ``axis`` (``env_steps`` or
-    ``minutes``) up to where the shortest run ends, linearly interpolated: ``(grid, mean, std)``, each ``[points]``."""
-    end = min(float(getattr(c, axis)[-1]) for c in curves)
-    start = max(float(getattr(c, axis)[0]) for c in curves)
+    ``minutes``) up to where the longest run ends, linearly interpolated: ``(grid, mean, std)``, each ``[points]``.
+    A run that ended (solved, or out of budget) counts with its last evaluation from there on."""
+    end = max(float(getattr(c, axis)[-1]) for c in curves)
+    start = min(float(getattr(c, axis)[0]) for c in curves)
     grid = np.linspace(start, max(end, start), points)
     values = np.stack([np.interp(grid, getattr(c, axis), c.eval_return) for c in curves])
     return grid, values.mean(0), values.std(0)
