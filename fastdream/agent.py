@@ -156,7 +156,7 @@ class Agent(torch.nn.Module):
             metrics["dream/starts"] = torch.tensor(float(n))
             with self._autocast():
                 traj = imagine(self.wm, self.behavior.actor, starts, horizon, engine=self.engine,
-                               grad=not self.discrete, dense_feat=False)
+                               grad=not self.discrete, dense_feat=False, precision=self.precision)
                 traj["start_cont"] = start_cont
                 actor_loss, critic_loss, bm = self.behavior.losses(traj, compiled=self.compiled)
             metrics.update(bm)

@@ -305,7 +305,7 @@ def dream_case(size: str = "xs", n: int = 4096, horizon: int = 15, engines: tupl
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
                 # As training dreams: features kept as deter + class indices (ignored without gathers).
                 imagine(wm, actor, (deter, stoch), horizon, engine=engine, noise=noise, onehot=onehot,
-                        dense_feat=False)
+                        dense_feat=False, precision=precision)
         return fn
 
     variants = [Variant(f"{e}_{p}", make(e, p), n * horizon) for e in engines for p in precisions]

@@ -128,7 +128,8 @@ def test_compiled_rollout_has_no_graph_breaks():
     for onehot in (False, True):
         for bf16 in (False, True):  # autocast: the weights cast once, through functional_call
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                explain = dynamo.explain(_rollout_fn(wm, actor, onehot))(deter, stoch, noise["stoch"], noise["action"])
+                fn = _rollout_fn(wm, actor, onehot, torch.bfloat16 if bf16 else torch.float32)
+                explain = dynamo.explain(fn)(deter, stoch, noise["stoch"], noise["action"])
             assert explain.graph_break_count == 0, explain.break_reasons
             assert explain.graph_count == 1
 
@@ -249,3 +250,24 @@ def test_class_index_is_the_argmax_of_one_hot_and_zero_rows():
     probs = torch.rand(37, 8, 32).softmax(-1)
     st = (torch.nn.functional.one_hot(index, 32).float() + probs) - probs
     assert not bool((st[st > 0.5] == 1.0).all()) and torch.equal(class_index(st), index)
+
+
+def test_precision_is_passed_not_read_from_the_callers_autocast():
+    """``precision="bf16"`` gives the dream the caller's bf16 autocast would (the same values, bf16 sequences);
+    ``"fp32"`` keeps it float32 inside a bf16 autocast; ``None`` follows the caller; a bad value names itself."""
+    wm, actor, starts, noise = tiny(True)
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            ambient = imagine(wm, actor, starts, 3, engine="kernels", noise=noise, dense_feat=False)
+            forced_fp32 = imagine(wm, actor, starts, 3, engine="kernels", noise=noise, dense_feat=False,
+                                  precision="fp32")
+        passed = imagine(wm, actor, starts, 3, engine="kernels", noise=noise, dense_feat=False, precision="bf16")
+        plain = imagine(wm, actor, starts, 3, engine="kernels", noise=noise, dense_feat=False)
+    assert ambient["feat"].dtype == passed["feat"].dtype == torch.bfloat16
+    for k in ("feat", "action", "index", "reward", "cont", "logprob"):
+        assert torch.equal(passed[k], ambient[k]), k
+    assert forced_fp32["feat"].dtype == plain["feat"].dtype == torch.float32
+    for k in ("feat", "reward", "cont", "logprob"):
+        torch.testing.assert_close(forced_fp32[k], plain[k], rtol=1e-6, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="precision must be 'fp32', 'bf16' or None .* got 'half'"):
+        imagine(wm, actor, starts, 3, noise=noise, precision="half")

@@ -17,7 +17,7 @@ from fastdream.fast import ops, runtime
 from fastdream.fast.ops import write_into
 from fastdream.model.behavior import Actor
 from fastdream.model.maths import onehot as onehot_rows  # _rollout's flag is named onehot
-from fastdream.model.nets import autocast_input, onehot_table
+from fastdream.model.nets import onehot_table
 from fastdream.model.world_model import WorldModel
 
 # ---------------------------------------------------------------- noise and the rollout
@@ -37,15 +37,16 @@ def draw_noise(n: int, horizon: int, stoch: int, actor: Actor, device, generator
 def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: torch.Tensor,
              noise_stoch: torch.Tensor, noise_action: torch.Tensor, step: Callable | None = None,
              onehot: bool = False,
-             tables: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None):
+             tables: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None,
+             dtype: torch.dtype = torch.float32):
     """``H = len(noise_stoch)`` steps from one-hot start ``stoch`` → time-major-backed ``deter [N, H+1, D]``,
     ``stoch [N, H+1, S, K]`` (``None`` if ``onehot``), ``action [N, H, A]``, ``index [N, H+1, S]`` (the stoch
     classes). ``onehot`` (no-grad dreams): the steps run on the classes (``DreamStep``), every layer reading stoch
     gathers weight rows by them and no dense stoch is kept, so a compiled rollout never writes one. ``step``: another
     step function of ``RSSM.img_step``'s signature (the triton engine's). ``tables``: ``_gather_tables`` built
-    already."""
+    already. ``dtype``: the matmuls' (``matmul_dtype``), which a one-hot rollout keeps its deter sequence in."""
     if onehot and step is None:
-        return _onehot_rollout(world_model, actor, deter, stoch, noise_stoch, noise_action, tables)
+        return _onehot_rollout(world_model, actor, deter, stoch, noise_stoch, noise_action, tables, dtype)
     rssm = world_model.rssm
     index = stoch.argmax(-1)
     deters, stochs, actions, indices = [deter], [stoch], [], [index]
@@ -66,18 +67,21 @@ def _rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: 
 
 def _onehot_rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, stoch: torch.Tensor,
                     noise_stoch: torch.Tensor, noise_action: torch.Tensor,
-                    tables: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None):
-    """``_rollout`` of a no-grad dream on the stoch classes. Under autocast its ``deter`` sequence is kept in the
-    autocast dtype, as every layer reads it (the recurrence stays float32): the gate kernel writes that copy and the
+                    tables: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = None,
+                    dtype: torch.dtype = torch.float32):
+    """``_rollout`` of a no-grad dream on the stoch classes. In bf16 (``dtype``) its ``deter`` sequence is kept in
+    bf16, as every layer reads it (the recurrence stays float32): the gate kernel writes that copy and the
     block matmul's grouped one as it rounds, where inductor's casts wrote one per consumer, and the low-precision
     deter rows and the classes go straight into their time-major sequences (the gate and draw kernels write step
     t's rows in place), where stacking them copied every step's."""
     rssm = world_model.rssm
     index = class_index(stoch)
-    actor_table, stoch_table, action_table = tables if tables is not None else _gather_tables(world_model, actor)
-    deters, actions, indices = [autocast_input(deter)], [], [index]
+    if tables is None:
+        tables = _gather_tables(world_model, actor, dtype)
+    actor_table, stoch_table, action_table = tables
+    deters, actions, indices = [_as_dtype(deter, dtype)], [], [index]
     seqs = low = None
-    if deters[0].dtype != deter.dtype:  # autocast: carry deter's low-precision copies
+    if deters[0].dtype != deter.dtype:  # bf16: carry deter's low-precision copies
         g, h = rssm.blocks, noise_stoch.shape[0]
         seqs = (deters[0].new_empty(h + 1, *deters[0].shape), index.new_empty(h + 1, *index.shape))
         write_into(deters[0], seqs[0][0])
@@ -95,11 +99,28 @@ def _onehot_rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, 
             action_in = rssm.action_input(action)
         deter, index = dream(deter, index, action_in, noise_stoch[t], None if seqs is None else
                              (seqs[0][t + 1], seqs[1][t + 1]))
-        deters.append(dream.low[0] if low is not None else autocast_input(deter))
+        deters.append(dream.low[0] if low is not None else _as_dtype(deter, dtype))
         actions.append(action)
         indices.append(index)
     deter_seq, index_seq = seqs if seqs is not None else (torch.stack(deters), torch.stack(indices))
     return _batch_major(deter_seq), None, _batch_major(torch.stack(actions)), _batch_major(index_seq)
+
+
+def matmul_dtype(device: torch.device, precision: str | None) -> torch.dtype:
+    """The dtype a dream's matmuls run in: bfloat16 for ``precision="bf16"``, float32 for ``"fp32"``; with ``None``
+    the one the caller's autocast gives a matmul on ``device`` (the one place a dream reads autocast's state)."""
+    if precision is not None:
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or None (the caller's autocast), got {precision!r}")
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+    dev = torch.device(device).type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+
+
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 ``x`` in the matmuls' ``dtype``, cast once for every layer that reads it (autocast casts per op:
+    the dream heads each wrote their own 31 MB bf16 copy of the features at N=4096); other dtypes as they are."""
+    return x.to(dtype) if x.dtype == torch.float32 and dtype != torch.float32 else x
 
 
 def _batch_major(x: torch.Tensor) -> torch.Tensor:
@@ -130,15 +151,15 @@ def _feat_from_index(deter: torch.Tensor, index: torch.Tensor, classes: int) -> 
 _GRAPHS: dict[tuple, tuple] = {}
 
 
-def _gather_tables(world_model: WorldModel, actor: Actor
+def _gather_tables(world_model: WorldModel, actor: Actor, dtype: torch.dtype
                    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """The gather tables (``nets.onehot_table``) of the actor's first layer and the GRU's stoch input, and for a
     discrete actor the GRU's action input per action (``RSSM.action_table``), built once for a rollout's H steps.
     A compiled rollout takes them as inputs: built inside it, inductor wrote one copy per gather (every step's),
-    ~4.5 ms of an N=4096 dream."""
+    ~4.5 ms of an N=4096 dream. Tables in ``dtype``, the matmuls' they stand in for."""
     rssm, body = world_model.rssm, actor.net.body
-    actor_table = onehot_table(body[0].weight, rssm.stoch * rssm.classes) if len(body) else None
-    return actor_table, rssm.stoch_table(), rssm.action_table(actor.action_dim) if actor.discrete else None
+    actor_table = onehot_table(body[0].weight, rssm.stoch * rssm.classes, dtype) if len(body) else None
+    return actor_table, rssm.stoch_table(dtype), rssm.action_table(actor.action_dim) if actor.discrete else None
 
 
 class _Dreamer(torch.nn.Module):
@@ -148,38 +169,38 @@ class _Dreamer(torch.nn.Module):
         super().__init__()
         self.world_model, self.actor = world_model, actor
 
-    def forward(self, *args, onehot: bool = False, tables=None):
-        return _rollout(self.world_model, self.actor, *args, onehot=onehot, tables=tables)
+    def forward(self, *args, onehot: bool = False, tables=None, dtype: torch.dtype = torch.float32):
+        return _rollout(self.world_model, self.actor, *args, onehot=onehot, tables=tables, dtype=dtype)
 
 
-def matmul_weights(module: torch.nn.Module, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
-    """``module``'s weights (parameters of two or more dims, under ``prefixes``) in the autocast dtype, where
-    autocast is on: what each matmul would cast them to. Cast once here, a compiled H-step rollout reads one copy;
-    cast by autocast per op, inductor wrote one copy per step (15 of every weight, its first kernel ~3 ms of an
-    N=4096 dream). Empty without autocast."""
-    dev = next(module.parameters()).device.type
-    if not torch.is_autocast_enabled(dev):
+def matmul_weights(module: torch.nn.Module, dtype: torch.dtype, prefixes: tuple[str, ...] = ("",)
+                   ) -> dict[str, torch.Tensor]:
+    """``module``'s weights (parameters of two or more dims, under ``prefixes``) in the matmuls' ``dtype``: what
+    autocast would cast each of them to per matmul. Cast once here, a compiled H-step rollout reads one copy; cast by
+    autocast per op, inductor wrote one copy per step (15 of every weight, its first kernel ~3 ms of an N=4096
+    dream). Empty for float32."""
+    if dtype == torch.float32:
         return {}
-    dtype = torch.get_autocast_dtype(dev)
     return {name: p.to(dtype) for name, p in module.named_parameters()
             if p.ndim >= 2 and p.is_floating_point() and name.startswith(prefixes)}
 
 
-def _rollout_fn(world_model: WorldModel, actor: Actor, onehot: bool) -> Callable:
+def _rollout_fn(world_model: WorldModel, actor: Actor, onehot: bool, dtype: torch.dtype) -> Callable:
     """``_rollout`` as the compile engine traces it: ``fn(deter, stoch, noise_stoch, noise_action, tables)`` on
     the weights cast once (``matmul_weights``)."""
     dreamer = _Dreamer(world_model, actor)
 
     def fn(deter, stoch, noise_stoch, noise_action, tables=None):
-        weights = matmul_weights(dreamer, ("world_model.rssm.", "actor."))
+        weights = matmul_weights(dreamer, dtype, ("world_model.rssm.", "actor."))
         return torch.func.functional_call(dreamer, weights, (deter, stoch, noise_stoch, noise_action),
-                                          {"onehot": onehot, "tables": tables})
+                                          {"onehot": onehot, "tables": tables, "dtype": dtype})
 
     return fn
 
 
-def _compiled(world_model: WorldModel, actor: Actor, onehot: bool) -> Callable:
-    return runtime.compiled((world_model, actor), f"rollout onehot={onehot}", _rollout_fn(world_model, actor, onehot))
+def _compiled(world_model: WorldModel, actor: Actor, onehot: bool, dtype: torch.dtype) -> Callable:
+    return runtime.compiled((world_model, actor), f"rollout onehot={onehot} {dtype}",
+                            _rollout_fn(world_model, actor, onehot, dtype))
 
 
 def _window(x: torch.Tensor, start: int) -> torch.Tensor:
@@ -190,20 +211,21 @@ def _window(x: torch.Tensor, start: int) -> torch.Tensor:
     return x.contiguous() if x.dtype != torch.float32 else x
 
 
-def _heads(world_model: WorldModel, feat: torch.Tensor, index: torch.Tensor | None
+def _heads(world_model: WorldModel, feat: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward and continue predicted at the dreamed states s_1..s_H of ``feat [N, H+1, ·]`` (``index``: the
     classes of all H+1)."""
     # The classes' window, once for both heads (a view of a rollout's time-major index).
     hot = None if index is None else (_window(index, 1), world_model.rssm.classes)
-    nxt = autocast_input(_window(feat, 1))  # one cast for both heads
+    nxt = _as_dtype(_window(feat, 1), dtype)  # one cast for both heads
     return _batch_major(world_model.reward(nxt, hot)), _batch_major(world_model.cont(nxt, hot))
 
 
-def _compiled_heads(world_model: WorldModel) -> Callable:
+def _compiled_heads(world_model: WorldModel, dtype: torch.dtype) -> Callable:
     """``_heads`` compiled (no-grad dreams of the compile engine): inductor fuses the heads' norms,
     activations and the two-hot softmax/decode, which measured ~45 ms eager at N=1024, H=15, xs."""
-    return runtime.compiled(world_model, "dream heads", lambda feat, index: _heads(world_model, feat, index))
+    return runtime.compiled(world_model, f"dream heads {dtype}",
+                            lambda feat, index: _heads(world_model, feat, index, dtype))
 
 
 def _policy_terms(policy: Actor, feat: torch.Tensor, action: torch.Tensor, index: torch.Tensor | None,
@@ -214,20 +236,20 @@ def _policy_terms(policy: Actor, feat: torch.Tensor, action: torch.Tensor, index
     return _batch_major(logprob), _batch_major(entropy)
 
 
-def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch, noise_action, onehot: bool):
-    key = (id(world_model), id(actor), tuple(deter.shape), tuple(noise_stoch.shape), deter.dtype,
-           torch.is_autocast_enabled("cuda"), onehot)
+def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch, noise_action, onehot: bool,
+               dtype: torch.dtype):
+    key = (id(world_model), id(actor), tuple(deter.shape), tuple(noise_stoch.shape), deter.dtype, dtype, onehot)
     if key not in _GRAPHS:
         static = [t.clone() for t in (deter, stoch, noise_stoch, noise_action)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the capture, as CUDA graphs require
-                _rollout(world_model, actor, *static, onehot=onehot)
+                _rollout(world_model, actor, *static, onehot=onehot, dtype=dtype)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outs = _rollout(world_model, actor, *static, onehot=onehot)
+            outs = _rollout(world_model, actor, *static, onehot=onehot, dtype=dtype)
         _GRAPHS[key] = (graph, static, outs)
     graph, static, outs = _GRAPHS[key]
     for dst, src in zip(static, (deter, stoch, noise_stoch, noise_action), strict=True):
@@ -239,7 +261,7 @@ def _cudagraph(world_model: WorldModel, actor: Actor, deter, stoch, noise_stoch,
 def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, torch.Tensor], horizon: int,
             engine: str = "kernels", augment: Callable | None = None, grad: bool = False,
             noise: dict[str, torch.Tensor] | None = None, generator: torch.Generator | None = None,
-            onehot: bool = True, dense_feat: bool = True) -> dict[str, torch.Tensor]:
+            onehot: bool = True, dense_feat: bool = True, precision: str | None = None) -> dict[str, torch.Tensor]:
     """Dreams ``horizon`` steps from each of ``starts = (deter [N, D], stoch [N, S, K])`` under ``policy``.
 
     Returns ``feat [N, H+1, F]``, ``action [N, H, A]`` (taken at s_0..s_{H-1}), ``reward [N, H]``
@@ -248,7 +270,9 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
     ``fastdream.dream.engines.ENGINES`` (``eager``: plain torch, the reference). With ``grad=False``
     (discrete actions: REINFORCE needs no gradient through the dynamics) the rollout itself runs
     without autograd. ``noise`` (from ``draw_noise``) fixes every random draw. ``augment(feat)``
-    may transform the imagined features before the heads see them (off by default).
+    may transform the imagined features before the heads see them (off by default). ``precision``: ``"bf16"`` runs
+    the dream's matmuls in bfloat16 (autocast) and keeps its deter sequence, weights and gather tables in it,
+    ``"fp32"`` in float32; ``None`` follows the caller's autocast.
 
     ``onehot`` (default): the starts' stoch are one-hot draws, as ``RSSM.observe`` and every imagined
     step produce; layers reading a one-hot stoch without needing its gradient then gather weight rows
@@ -265,15 +289,19 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
     deter, stoch = starts
     grad = grad and torch.is_grad_enabled()
     engine = resolve_engine(engine, deter.device, grad)
-    with ops.kernels(False) if engine == "eager" else nullcontext():
+    dtype = matmul_dtype(deter.device, precision)
+    cast = nullcontext() if precision is None else torch.autocast(deter.device.type, torch.bfloat16,
+                                                                    enabled=dtype == torch.bfloat16)
+    with cast, ops.kernels(False) if engine == "eager" else nullcontext():
         return _imagine(world_model, policy, starts, horizon, engine, augment, grad, noise, generator, onehot,
-                        dense_feat)
+                        dense_feat, dtype)
 
 
 def _imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, torch.Tensor], horizon: int,
              engine: str, augment: Callable | None, grad: bool, noise: dict[str, torch.Tensor] | None,
-             generator: torch.Generator | None, onehot: bool, dense_feat: bool) -> dict[str, torch.Tensor]:
-    """``imagine`` on a resolved ``engine``, gradients decided."""
+             generator: torch.Generator | None, onehot: bool, dense_feat: bool, dtype: torch.dtype
+             ) -> dict[str, torch.Tensor]:
+    """``imagine`` on a resolved ``engine``, gradients and the matmuls' ``dtype`` decided."""
     deter, stoch = starts
     if noise is None:
         noise = draw_noise(deter.shape[0], horizon, stoch.shape[-2], policy, deter.device, generator)
@@ -281,16 +309,16 @@ def _imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor,
     gather = onehot and not grad  # with gradients through the dynamics the stoch must stay dense
     with torch.set_grad_enabled(grad):
         if engine in ("eager", "kernels"):
-            out = _rollout(world_model, policy, deter, stoch, ns, na, onehot=gather)
+            out = _rollout(world_model, policy, deter, stoch, ns, na, onehot=gather, dtype=dtype)
         elif engine == "compile":
-            tables = _gather_tables(world_model, policy) if gather else None
-            out = _compiled(world_model, policy, gather)(deter, stoch, ns, na, tables)
+            tables = _gather_tables(world_model, policy, dtype) if gather else None
+            out = _compiled(world_model, policy, gather, dtype)(deter, stoch, ns, na, tables)
         elif engine == "triton":
             from fastdream.kernels.rssm_step import rssm_step
 
             out = _rollout(world_model, policy, deter, stoch, ns, na, step=rssm_step, onehot=gather)
         else:
-            out = _cudagraph(world_model, policy, deter, stoch, ns, na, gather)
+            out = _cudagraph(world_model, policy, deter, stoch, ns, na, gather, dtype)
     deter_seq, stoch_seq, action, index = out
     k = world_model.rssm.classes
     if not onehot:
@@ -312,8 +340,8 @@ def _imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor,
     # Without gradients through the dynamics the world-model heads need no graph either.
     with torch.set_grad_enabled(grad):
         if engine == "compile" and not grad:
-            reward, cont = _compiled_heads(world_model)(feat, index)
+            reward, cont = _compiled_heads(world_model, dtype)(feat, index)
         else:
-            reward, cont = _heads(world_model, feat, index)
+            reward, cont = _heads(world_model, feat, index, dtype)
     return {"feat": feat, "action": action, "reward": reward, "cont": cont, "logprob": logprob,
             "entropy": entropy, "index": index, "classes": k}

@@ -65,18 +65,6 @@ def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float = 0.01
     return ops.unimix_index(flat, u, float(unimix), b).reshape(noise.shape)
 
 
-def autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the autocast dtype where autocast is on for its device (what a matmul would cast it to),
-    else ``x``. Autocast casts per op and per view: the dream heads wrote two bf16 copies of the
-    ``[N, H, D]`` features (31 MB each at N=4096), one per head; cast once, they read one (heads ~2 %
-    faster, A/B in one process). Not for the rollout: there inductor fuses each per-op cast into the
-    layout its consumer reads (the block matmul's transposed copy), and one shared cast measured 3 % slower."""
-    dev = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
-        return x.to(torch.get_autocast_dtype(dev))
-    return x
-
-
 def _no_grad_cpu(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """True where a C++ kernel may stand in for the plain maths: a float32/bfloat16 CPU tensor, no gradient needed
     and kernels enabled (``fastdream.fast.ops.kernels``)."""
@@ -215,10 +203,12 @@ def onehot_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, cl
     return y
 
 
-def onehot_table(weight: torch.Tensor, columns: int) -> torch.Tensor:
+def onehot_table(weight: torch.Tensor, columns: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The gather table of a layer whose last ``columns`` inputs are one-hot: ``weight [O, I]``'s last columns
-    as rows ``[columns, O]``, in the autocast dtype where autocast is on (the matmul's precision it stands for)."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+    as rows ``[columns, O]`` in ``dtype``; None: the precision of the matmul it stands for, as autocast sets it."""
+    if dtype is None:
+        dev = weight.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
     # Cast, then transpose: a transposing copy that also casts took ~1.4x as long ([256, 1024] fp32 -> bf16).
     return weight[:, weight.shape[1] - columns:].to(dtype).t().contiguous()
 

@@ -136,9 +136,9 @@ class RSSM(nn.Module):
         gathers rows instead of a matmul, a LayerNorm+SiLU and the scaling per step (~0.27 ms per N=4096 step)."""
         return self.action_input(torch.eye(actions, device=self.dynin_action[0].weight.device))
 
-    def stoch_table(self) -> torch.Tensor:
-        """The stoch input layer's gather table (``nets.onehot_table``): a rollout builds it once, not per step."""
-        return onehot_table(self.dynin_stoch[0].weight, self.stoch * self.classes)
+    def stoch_table(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The stoch input layer's gather table in ``dtype`` (``nets.onehot_table``): a rollout builds it once."""
+        return onehot_table(self.dynin_stoch[0].weight, self.stoch * self.classes, dtype)
 
     def prior_raw(self, deter: torch.Tensor) -> torch.Tensor:
         """``[N, D]`` → prior logits before unimix ``[N, S, K]``."""
