@@ -19,6 +19,23 @@ __attribute__((always_inline)) inline void prefetch_gate_row(const T* y, const f
   prefetch(deter + n * groups * dg, groups * dg);
 }
 
+// Row n, group g of the gate: its 3 D/G pre-activations in y [G, N, 3 D/G], the group's bias, its old deter and its
+// output slices (both paths' loops start from these).
+template <typename T>
+struct GateSlice {
+  const T* y;
+  const float* bias;
+  const float* deter;
+  float* out;
+};
+template <typename T>
+__attribute__((always_inline)) inline GateSlice<T> gate_slice(const T* y, const float* bias, const float* deter,
+                                                              float* out, int64_t n, int64_t g, int64_t n_count,
+                                                              int64_t groups, int64_t dg) {
+  return {y + (g * n_count + n) * 3 * dg, bias + g * 3 * dg, deter + n * groups * dg + g * dg,
+          out + n * groups * dg + g * dg};
+}
+
 #ifdef FASTDREAM_BF16_DOT
 // gru_gate_rows (below) for bfloat16 y with D/G a multiple of 16.
 FASTDREAM_BF16_DOT
@@ -28,10 +45,7 @@ void gru_gate_rows_bf16_avx512(const uint16_t* y, const float* bias, const float
   for (int64_t n = row0; n < row1; ++n) {
     if (n + kPrefetchRows < row1) prefetch_gate_row(y, deter, n + kPrefetchRows, n_count, groups, dg);
     for (int64_t g = 0; g < groups; ++g) {
-      const uint16_t* src = y + (g * n_count + n) * 3 * dg;
-      const float* b = bias + g * 3 * dg;
-      const float* h = deter + n * groups * dg + g * dg;
-      float* dst = out + n * groups * dg + g * dg;
+      const auto [src, b, h, dst] = gate_slice(y, bias, deter, out, n, g, n_count, groups, dg);
       for (int64_t j = 0; j < dg; j += kLanes) {
         const __m512 reset = sigmoid_avx512(_mm512_add_ps(load_bf16(src + j), _mm512_loadu_ps(b + j)));
         const __m512 c = _mm512_add_ps(load_bf16(src + dg + j), _mm512_loadu_ps(b + dg + j));
@@ -69,10 +83,7 @@ __attribute__((always_inline)) inline void gru_gate_rows(const T* __restrict__ y
   for (int64_t n = row0; n < row1; ++n) {
     if (n + kPrefetchRows < row1) prefetch_gate_row(y, deter, n + kPrefetchRows, n_count, groups, dg);
     for (int64_t g = 0; g < groups; ++g) {
-      const T* src = y + (g * n_count + n) * 3 * dg;
-      const float* b = bias + g * 3 * dg;
-      const float* h = deter + n * groups * dg + g * dg;
-      float* dst = out + n * groups * dg + g * dg;
+      const auto [src, b, h, dst] = gate_slice(y, bias, deter, out, n, g, n_count, groups, dg);
       int64_t j = 0;
       for (; j + kLanes <= dg; j += kLanes) {
         const Floats reset = sigmoid<kDegree>(load_row(src + j) + load_lanes(b + j));
