@@ -47,3 +47,14 @@ def test_runs_without_evaluations_are_refused_by_name(tmp_path):
         load_curve(tmp_path / "r")
     with pytest.raises(ValueError, match="no metrics.jsonl in"):
         load_curve(tmp_path / "missing")
+
+
+def test_the_plot_command_writes_the_png_and_refuses_a_bad_run(tmp_path, capsys):
+    from fastdream.cli import main
+
+    a = write_run(tmp_path / "a", [(1000, 10.0), (2000, 480.0)])
+    out = tmp_path / "curves.png"
+    assert main(["plot", f"seeds={a}", "--out", str(out), "--target", "475"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and "seeds: 1 run(s), best eval 480.0-480.0" in capsys.readouterr().out
+    assert main(["plot", str(tmp_path / "none")]) == 2
+    assert "no metrics.jsonl in" in capsys.readouterr().err
