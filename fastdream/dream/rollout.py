@@ -17,7 +17,7 @@ from fastdream.fast import ops, runtime
 from fastdream.fast.ops import write_into
 from fastdream.model.behavior import Actor
 from fastdream.model.maths import onehot as onehot_rows  # _rollout's flag is named onehot
-from fastdream.model.nets import onehot_table
+from fastdream.model.nets import matmul_dtype_of, onehot_table
 from fastdream.model.world_model import WorldModel
 
 # ---------------------------------------------------------------- noise and the rollout
@@ -106,15 +106,15 @@ def _onehot_rollout(world_model: WorldModel, actor: Actor, deter: torch.Tensor, 
     return _batch_major(deter_seq), None, _batch_major(torch.stack(actions)), _batch_major(index_seq)
 
 
-def matmul_dtype(device: torch.device, precision: str | None) -> torch.dtype:
+def matmul_dtype(deter: torch.Tensor, precision: str | None) -> torch.dtype:
     """The dtype a dream's matmuls run in: bfloat16 for ``precision="bf16"``, float32 for ``"fp32"``; with ``None``
-    the one the caller's autocast gives a matmul on ``device`` (the one place a dream reads autocast's state)."""
-    if precision is not None:
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or None (the caller's autocast), got {precision!r}")
-        return torch.bfloat16 if precision == "bf16" else torch.float32
-    dev = torch.device(device).type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+    the one the caller's autocast gives a matmul reading the float32 ``deter`` (the one place a dream reads
+    autocast's state)."""
+    if precision is None:
+        return matmul_dtype_of(deter.float())
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or None (the caller's autocast), got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -289,7 +289,7 @@ def imagine(world_model: WorldModel, policy: Actor, starts: tuple[torch.Tensor, 
     deter, stoch = starts
     grad = grad and torch.is_grad_enabled()
     engine = resolve_engine(engine, deter.device, grad)
-    dtype = matmul_dtype(deter.device, precision)
+    dtype = matmul_dtype(deter, precision)
     cast = nullcontext() if precision is None else torch.autocast(deter.device.type, torch.bfloat16,
                                                                     enabled=dtype == torch.bfloat16)
     with cast, ops.kernels(False) if engine == "eager" else nullcontext():

@@ -61,7 +61,4 @@ class DreamStep:
         """Classes ``[N, S]`` drawn from the prior of the new deter, read as ``features_in`` (its low-precision copy
         under autocast), its head's bias added by the draw; written into ``index_out`` where given."""
         rssm = self.rssm
-        head = rssm.prior_net.head
-        unbiased = F.linear(rssm.prior_net.features(features_in), head.weight)
-        logits = unbiased.reshape(features_in.shape[0], rssm.stoch, rssm.classes)
-        return unimix_index(logits, noise, rssm.unimix, head.bias, index_out)
+        return unimix_index(rssm.prior_unbiased(features_in), noise, rssm.unimix, rssm.prior_net.head.bias, index_out)

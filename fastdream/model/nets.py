@@ -65,6 +65,12 @@ def unimix_index(logits: torch.Tensor, noise: torch.Tensor, unimix: float = 0.01
     return ops.unimix_index(flat, u, float(unimix), b).reshape(noise.shape)
 
 
+def matmul_dtype_of(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul reading ``x`` runs in: autocast's on ``x``'s device where it is on, else ``x``'s."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def _no_grad_cpu(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """True where a C++ kernel may stand in for the plain maths: a float32/bfloat16 CPU tensor, no gradient needed
     and kernels enabled (``fastdream.fast.ops.kernels``)."""
@@ -166,10 +172,8 @@ def _embedding_sum(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``Σ_s weight[:, rows[m, s]]`` → ``[M, O]`` (no autograd of its own)."""
     flat = rows.reshape(-1)
     offsets = torch.arange(0, flat.numel(), rows.shape[1], device=rows.device)
-    table = weight.t()
-    device = weight.device.type
-    if torch.is_autocast_enabled(device):  # the precision of the matmul it stands for: half the bytes to read
-        table = table.to(torch.get_autocast_dtype(device))
+    # In the precision of the matmul it stands for: under bf16 autocast, half the bytes to read.
+    table = weight.t().to(matmul_dtype_of(weight))
     return F.embedding_bag(flat, table.contiguous(), offsets, mode="sum")
 
 
@@ -206,9 +210,7 @@ def onehot_linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, cl
 def onehot_table(weight: torch.Tensor, columns: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The gather table of a layer whose last ``columns`` inputs are one-hot: ``weight [O, I]``'s last columns
     as rows ``[columns, O]`` in ``dtype``; None: the precision of the matmul it stands for, as autocast sets it."""
-    if dtype is None:
-        dev = weight.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    dtype = matmul_dtype_of(weight) if dtype is None else dtype
     # Cast, then transpose: a transposing copy that also casts took ~1.4x as long ([256, 1024] fp32 -> bf16).
     return weight[:, weight.shape[1] - columns:].to(dtype).t().contiguous()
 

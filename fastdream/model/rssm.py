@@ -156,21 +156,26 @@ class RSSM(nn.Module):
         deter = self.core(deter, stoch, action)
         return (deter, *self.prior_draw(deter, noise))
 
+    def prior_unbiased(self, deter: torch.Tensor) -> torch.Tensor:
+        """The prior head's logits ``[N, S, K]`` before its output bias: the draws add it as they read a row (an
+        addmm copied the bias into all N rows on one thread). ``deter`` may be its low-precision copy."""
+        return F.linear(self.prior_net.features(deter), self.prior_net.head.weight).reshape(
+            *deter.shape[:-1], self.stoch, self.classes)
+
     def prior_draw(self, deter: torch.Tensor, noise: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A draw from the prior of ``deter [N, D]``: ``(stoch, prior_logits, index [N, S])``; straight-through where
         a gradient flows, else drawn from the logits in one pass (``nets.unimix_index``)."""
-        # The head's matmul without its bias: the draw adds it (an addmm copied it into all N rows on one thread).
+        unbiased = self.prior_unbiased(deter)
         head = self.prior_net.head
-        unbiased = F.linear(self.prior_net.features(deter), head.weight)
-        raw = (unbiased + head.bias).reshape(*deter.shape[:-1], self.stoch, self.classes)
+        raw = unbiased + head.bias.reshape(self.stoch, self.classes)
         probs = unimix_probs(raw, self.unimix)
         if noise is None:
             noise = torch.rand(probs.shape[:-1], device=probs.device, dtype=probs.dtype)
         if probs.requires_grad:
             stoch, index = straight_through_draw(probs, noise)
         else:
-            index = unimix_index(unbiased.reshape(raw.shape), noise, self.unimix, head.bias)
+            index = unimix_index(unbiased, noise, self.unimix, head.bias)
             stoch = onehot(index, self.classes, probs.dtype)
         return stoch, probs.log(), index
 
