@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
@@ -54,26 +55,12 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _presets(given: list[str], env_id: str, obs: str | None) -> list[str]:
-    """The presets to apply, in order: every ``--preset`` (each comma-separated), after the env's task
-    preset unless a task preset is among them (so ``--preset xs`` on LunarLander keeps its task settings)."""
-    from fastdream.run.config import TASKS
-
-    presets = [p.strip() for item in given for p in item.split(",") if p.strip()]
-    if not any(p in TASKS for p in presets):
-        task = {"CartPole-v1": "cartpole", "LunarLander-v3": "lunarlander"}.get(env_id, "cartpole")
-        if obs in ("pixels", "both"):
-            task += "-pixels"
-        presets.insert(0, task)
-    return presets
-
-
 def _load_config(args: argparse.Namespace):
-    from fastdream.run.config import Config, apply, apply_presets, apply_sets, validate
+    from fastdream.run.config import Config, apply, apply_presets, apply_sets, task_presets, validate
 
     cfg = Config()
     try:
-        cfg = apply_presets(cfg, _presets(args.preset or [], args.env or "CartPole-v1", args.obs))
+        cfg = apply_presets(cfg, task_presets(args.preset or [], args.env or "CartPole-v1", args.obs))
         direct = {}
         if args.env:
             direct["env.id"] = args.env
@@ -92,6 +79,22 @@ def _load_config(args: argparse.Namespace):
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return cfg
+
+
+def _target_text(target: float) -> str:
+    if math.isinf(target):
+        return "no target (the env has no reward threshold: the run spends its budget)"
+    return f"target {target:g}"
+
+
+def _precision_text(cfg) -> str:
+    from fastdream.fast.precision import auto_precision
+    from fastdream.run.train import resolve_device
+
+    t = cfg.train
+    if t.precision != "auto":
+        return f"precision {t.precision}"
+    return f"precision {auto_precision(resolve_device(t.device))} (auto)"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -121,8 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.logdir or f"runs/{cfg.env.id}-{time.strftime('%Y%m%d-%H%M%S')}")
         if checkpoint.exists(run_dir):
             raise CliError(f"{run_dir} already holds a run; use --resume {run_dir} or another --logdir")
-    print(f"fastdream train: {cfg.env.id} ({cfg.env.obs}) x{cfg.env.num_envs} envs, "
-          f"{cfg.train.steps:,} steps budget, target {cfg.env.target_return:g}, run dir {run_dir}")
+    print(f"fastdream train: {cfg.env.id} ({cfg.env.obs}) x{cfg.env.num_envs} envs, {cfg.train.steps:,} steps budget, "
+          f"{_target_text(cfg.env.target_return)}, {_precision_text(cfg)}, run dir {run_dir}")
     try:
         res = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
                     steps=args.steps if args.resume else None, minutes=args.minutes if args.resume else None)
@@ -133,7 +136,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 3
     ev = f"{res.eval_return:.1f}" if res.eval_return is not None else "n/a"
     ups = res.updates / max(res.wall_time, 1e-9)
-    print(f"{res.stopped}: eval return {ev} (target {cfg.env.target_return:g}), {res.env_steps:,} env steps, "
+    print(f"{res.stopped}: eval return {ev} ({_target_text(cfg.env.target_return)}), {res.env_steps:,} env steps, "
           f"{res.updates:,} updates, {res.wall_time / 60:.1f} min wall ({ups:.2f} updates/s); "
           f"checkpoint {res.checkpoint}, metrics {res.metrics}")
     return 0 if res.stopped != "interrupted" else 130
@@ -175,9 +178,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fastdream.benchmarks import CASES, format_table, run_case
 
-    unknown = [s for s in args.suites if s not in CASES]
+    unknown = [s for s in args.suites if s not in CASES and s != "learn"]
     if unknown:
-        raise CliError(f"unknown bench suite(s) {unknown}; choose from {sorted(CASES)}")
+        raise CliError(f"unknown bench suite(s) {unknown}; choose from {sorted([*CASES, 'learn'])}")
+    if "learn" in args.suites:
+        if len(args.suites) > 1:
+            raise CliError("bench learn trains agents for minutes to hours; run it on its own, not with "
+                           f"{[s for s in args.suites if s != 'learn']}")
+        return _bench_learn(args)
     records = []
     for suite in args.suites or list(CASES):
         for make in CASES[suite]:
@@ -187,6 +195,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 print(format_table(case_records), flush=True)
     if args.json:
         print(json.dumps(records, indent=1))
+    return 0
+
+
+def _bench_learn(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastdream.run.learn_bench import format_learn_table, learn, summarise
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.seeds < 1:
+        raise CliError(f"--seeds must be >= 1, got {args.seeds}")
+    runs_dir = Path(args.runs_dir or f"runs/bench-learn-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.json:
+        print(f"bench learn: {', '.join(tasks)} x seeds 0..{args.seeds - 1}, runs in {runs_dir}", flush=True)
+
+    def show(rec: dict) -> None:
+        if not args.json:
+            what = "solved" if rec["solved"] else f"not solved ({rec['stopped']})"
+            print(f"  {rec['task']} seed {rec['seed']}: {what} at {rec['env_steps']:,} env steps, "
+                  f"{rec['wall_time'] / 60:.2f} min, best eval {rec['best_eval']:.1f}", flush=True)
+
+    try:
+        records = learn(tasks, list(range(args.seeds)), runs_dir, steps=args.steps, minutes=args.minutes,
+                        progress=not args.json and sys.stdout.isatty(), on_run=show)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"runs": records, "tasks": summarise(records)}, indent=1))
+    else:
+        print(format_learn_table(records))
     return 0
 
 
@@ -218,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", action="append", default=None,
                    help="presets applied in order, comma-separated or repeated: cartpole, cartpole-pixels, "
                         "lunarlander, lunarlander-pixels, tiny, xs, s (the env's task preset comes first "
-                        "unless one is given)")
+                        "unless one is given; an env without one gets a generic preset from its spaces and "
+                        "reward threshold)")
     t.add_argument("--obs", default=None, choices=["vector", "pixels", "both"], help="observation kind")
     t.add_argument("--steps", type=int, default=None, help="env-step budget")
     t.add_argument("--minutes", type=float, default=None,
@@ -230,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--engine", default=None, choices=list(ENGINES),
                    help="dream engine (default: the task preset's: auto for vector CartPole, compile for the rest); "
                    + "; ".join(f"{k}: {v}" for k, v in ENGINES.items()))
-    t.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                   help="update precision (default: the task preset's: fp32 for vector CartPole, else bf16)")
+    t.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="update precision (default auto: bf16 on a bf16 GPU or an AMX CPU, else fp32)")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.horizon=10 (repeatable)")
@@ -267,9 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plot)
 
     b = sub.add_parser("bench", help="run benchmark suites and print one table with ratios")
-    b.add_argument("suites", nargs="*", help="suites to run (default: all): replay, env, dream, train")
+    b.add_argument("suites", nargs="*", help="suites to run (default: all but learn): replay, env, dream, train; "
+                                              "or learn alone (training runs to each task's target)")
     b.add_argument("--json", action="store_true", help="print records as JSON")
     b.add_argument("--min-time", type=float, default=1.0, help="seconds per variant (default: 1)")
+    b.add_argument("--tasks", default="cartpole", help="learn: comma-separated task presets or env ids "
+                                                     "(default: cartpole)")
+    b.add_argument("--seeds", type=int, default=3, help="learn: seeds 0..N-1 per task (default: 3)")
+    b.add_argument("--runs-dir", default=None, help="learn: where the runs go (default: runs/bench-learn-<time>); "
+                                                    "run again with the same dir to resume")
+    b.add_argument("--steps", type=int, default=None, help="learn: env-step budget per run (default: the preset's)")
+    b.add_argument("--minutes", type=float, default=None, help="learn: wall-clock budget per run")
     b.set_defaults(func=_cmd_bench)
     return p
 

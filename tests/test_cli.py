@@ -113,12 +113,47 @@ def test_presets_resolve_task_then_size(argv, env_id, target, deter, obs):
 
     cfg = _load_config(build_parser().parse_args(["train", *argv]))
     assert (cfg.env.id, cfg.env.target_return, cfg.model.deter, cfg.env.obs) == (env_id, target, deter, obs)
-    # Pixel CartPole trains on half-length windows (twice the updates per minute; see config.TASKS).
-    assert cfg.train.seq_len == (32 if (env_id, obs) == ("CartPole-v1", "pixels") else 64)
+    # CartPole trains on half-length windows (pixels: twice the updates per minute; see config.TASKS).
+    assert cfg.train.seq_len == (32 if env_id == "CartPole-v1" else 64)
     # The tasks solved within 90 min here ran compiled and in bf16; their presets carry that.
     long_task = env_id == "LunarLander-v3" or obs == "pixels"
-    want = ("compile", True, "bf16") if long_task else ("auto", False, "fp32")
-    assert (cfg.train.engine, cfg.train.compile_model, cfg.train.precision) == want
+    want = ("compile", True) if long_task else ("auto", False)
+    assert (cfg.train.engine, cfg.train.compile_model, cfg.train.precision) == (*want, "auto" if long_task else "fp32")
+
+
+@pytest.mark.parametrize("env_id, target, discrete", [
+    ("Acrobot-v1", -100.0, True),  # negative returns: CartPole's 475 could never be reached
+    ("MountainCarContinuous-v0", 90.0, False),
+    ("Pendulum-v1", float("inf"), False),  # no reward threshold: no target
+])
+def test_an_env_without_a_task_preset_gets_one_from_its_spec(env_id, target, discrete):
+    from fastdream.cli import _load_config, build_parser
+    from fastdream.data.envs import env_facts
+    from fastdream.run.config import TASKS
+
+    facts = env_facts(env_id)
+    assert (facts["obs"], facts["discrete"]) == ("vector", discrete)
+    cfg = _load_config(build_parser().parse_args(["train", "--env", env_id]))
+    assert (cfg.env.id, cfg.env.target_return, cfg.env.obs) == (env_id, target, "vector")
+    assert cfg.train.prefill == TASKS["cartpole"]["train.prefill"]
+    # --obs pixels takes the pixel variant of the generic preset.
+    cfg = _load_config(build_parser().parse_args(["train", "--env", env_id, "--obs", "pixels"]))
+    assert (cfg.env.obs, cfg.env.num_envs) == ("pixels", TASKS["cartpole-pixels"]["env.num_envs"])
+
+
+def test_a_run_without_target_says_so_and_records_its_precision(tmp_path):
+    logdir = tmp_path / "run"
+    sets = [x for s in SMALL_SETS for x in ("--set", s)]
+    r = run("train", "--env", "Pendulum-v1", "--envs", "4", "--steps", "200", "--logdir", str(logdir), "--quiet",
+            "--precision", "auto", *sets)
+    assert r.returncode == 0, r.stderr
+    assert "no target (the env has no reward threshold: the run spends its budget)" in r.stdout
+    assert r.stdout.strip().splitlines()[-1].startswith("budget: eval return")
+    from fastdream.fast.precision import auto_precision
+
+    saved = json.loads((logdir / "config.json").read_text())
+    assert saved["train"]["precision"] == auto_precision("cpu")  # auto resolved once, so a resume keeps it
+    assert f"precision {auto_precision('cpu')} (auto)" in r.stdout
 
 
 def test_progress_prints_plain_lines_when_not_a_terminal():
@@ -136,3 +171,24 @@ def test_progress_prints_plain_lines_when_not_a_terminal():
     assert [ln.rsplit("  ", 1)[0] for ln in lines] == [
         "train 1,000/4,000 env steps (25.0 %)  return 5.0", "train 3,000/4,000 env steps (75.0 %)  eval 7.0"]
     assert all(re.search(r"  \d+:\d\d elapsed$", ln) for ln in lines)
+
+
+def test_bench_learn_runs_each_seed_then_reads_finished_runs_back(tmp_path):
+    runs = tmp_path / "learn"
+    args = ("bench", "learn", "--tasks", "cartpole", "--seeds", "2", "--steps", "1200", "--runs-dir", str(runs))
+    r = run(*args, "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [(x["task"], x["seed"], x["stopped"], x["env_steps"]) for x in out["runs"]] == [
+        ("cartpole", 0, "budget", 1200), ("cartpole", 1, "budget", 1200)]
+    assert all(x["updates"] > 0 and x["best_eval"] > 0 for x in out["runs"])
+    assert out["tasks"] == [{"task": "cartpole", "target": 475.0, "solved": 0, "runs": 2, "median_env_steps": None,
+                             "median_wall_time": None, "best_eval": max(x["best_eval"] for x in out["runs"])}]
+    # A second call finds both runs finished and trains nothing: the metrics files are untouched.
+    before = {p: p.read_bytes() for p in runs.glob("*/metrics.jsonl")}
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert "cartpole: 0/2 seeds reached 475; best eval" in r.stdout
+    assert {p: p.read_bytes() for p in runs.glob("*/metrics.jsonl")} == before
+    r = run("bench", "learn", "replay")
+    assert r.returncode == 2 and "run it on its own" in r.stderr

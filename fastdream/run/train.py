@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from fastdream.data.collector import Collector, RandomPolicy
 from fastdream.data.envs import VecEnv, make_env
 from fastdream.data.replay import ReplayBuffer
 from fastdream.dream.schedule import HorizonSchedule
+from fastdream.fast.precision import auto_precision, resolve_precision
 from fastdream.model.behavior import Behavior
 from fastdream.model.world_model import WorldModel
 from fastdream.run import checkpoint
@@ -64,6 +66,7 @@ def build_env(cfg: Config, seed: int | None = None, num_envs: int | None = None,
 def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") -> Agent:
     """Turns config into constructor arguments; the library classes never see ``cfg``."""
     m, t = cfg.model, cfg.train
+    precision = auto_precision(device) if t.precision == "auto" else t.precision
     vector_dim = env.obs_spec["vector"][0][0] if "vector" in env.obs_spec else 0
     wm = WorldModel(vector_dim, "image" in env.obs_spec, env.num_actions, deter=m.deter, hidden=m.hidden,
                     stoch=m.stoch, classes=m.classes, blocks=m.blocks, units=m.units, layers=m.layers,
@@ -72,7 +75,7 @@ def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") ->
                    gamma=t.gamma, lam=t.lam, entropy=t.entropy)
     agent = Agent(wm, beh, env.num_envs, horizon=t.horizon, discrete=env.discrete,
                   wm_opt=OptimConfig(t.wm_lr, 1e-8, t.wm_clip), actor_opt=OptimConfig(t.actor_lr, 1e-5, t.ac_clip),
-                  critic_opt=OptimConfig(t.critic_lr, 1e-5, t.ac_clip), seed=t.seed, precision=t.precision,
+                  critic_opt=OptimConfig(t.critic_lr, 1e-5, t.ac_clip), seed=t.seed, precision=precision,
                   dream_starts=t.dream_starts, engine=t.engine, compile_model=t.compile_model,
                   schedule=HorizonSchedule(t.horizon_mode, t.horizon, t.h_min, t.h_max, t.ramp_start, t.ramp_end,
                                            t.dream_budget))
@@ -187,6 +190,10 @@ class TrainingRun:
         np.random.seed(t.seed)
         random.seed(t.seed)
         self.device = resolve_device(t.device)
+        # The run records the precision it ran, so a resume elsewhere keeps it (and stays bit-exact here).
+        t.precision, warning = resolve_precision(t.precision, self.device)
+        if warning:
+            print(f"fastdream: warning: {warning}", file=sys.stderr)
         self.env = build_env(cfg)
         self.agent = build_agent(cfg, self.env, self.device)
         self.random_policy = RandomPolicy(self.env, seed=t.seed)

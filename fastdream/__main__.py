@@ -1,0 +1,7 @@
+"""``python -m fastdream``: the command line."""
+
+import sys
+
+from fastdream.cli import main
+
+sys.exit(main())
