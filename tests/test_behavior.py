@@ -79,3 +79,28 @@ def test_discrete_log_prob_and_entropy_match_the_categorical(unimix):
     assert logp.shape == ent.shape == (7, 3) and bool((logp < 0).all()) and bool((ent > 0).all())
     logp.sum().backward()  # the REINFORCE gradient reaches the actor
     assert actor.net.head.weight.grad.abs().sum() > 0
+
+
+def _dream(n: int = 6, h: int = 4, feat: int = 8, actions: int = 2, cont: torch.Tensor | None = None) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"feat": torch.randn(n, h + 1, feat, generator=g),
+            "action": torch.nn.functional.one_hot(torch.randint(0, actions, (n, h), generator=g), actions).float(),
+            "reward": torch.randn(n, h, generator=g), "cont": cont, "start_cont": torch.ones(n),
+            "logprob": torch.randn(n, h, generator=g), "entropy": torch.rand(n, h, generator=g)}
+
+
+def test_continue_mode_discounts_returns_by_the_rounded_probability():
+    from fastdream.model.behavior import Behavior
+
+    torch.manual_seed(0)
+    prob, mode = Behavior(8, 2, True, units=16, cont="prob"), Behavior(8, 2, True, units=16, cont="mode")
+    mode.load_state_dict(prob.state_dict())
+    p = torch.tensor([0.9, 0.2, 0.6, 0.97]).repeat(6, 1)
+    # With mode the returns are those of the probabilities rounded to 0/1 (DreamerV3's discount).
+    _, _, m_mode = mode.losses(_dream(cont=p))
+    _, _, m_rounded = prob.losses(_dream(cont=(p > 0.5).float()))
+    torch.testing.assert_close(m_mode["behavior/return"], m_rounded["behavior/return"])
+    _, _, m_prob = prob.losses(_dream(cont=p))
+    assert abs(float(m_prob["behavior/return"] - m_mode["behavior/return"])) > 1e-3
+    with pytest.raises(ValueError, match="cont must be 'prob' or 'mode', got 'median'"):
+        Behavior(8, 2, True, cont="median")

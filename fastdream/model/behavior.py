@@ -106,8 +106,11 @@ class Behavior(nn.Module):
 
     def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int = 128, layers: int = 2,
                  gamma: float = 1 - 1 / 333, lam: float = 0.95, entropy: float = 3e-4, slow_rate: float = 0.02,
-                 slow_reg: float = 1.0, retnorm_decay: float = 0.99) -> None:
+                 slow_reg: float = 1.0, retnorm_decay: float = 0.99, cont: str = "prob") -> None:
         super().__init__()
+        if cont not in ("prob", "mode"):
+            raise ValueError(f"cont must be 'prob' or 'mode', got {cont!r}")
+        self.cont = cont  # what discounts the λ-returns: the continue head's probability, or its mode (DreamerV3)
         self.actor = Actor(feat_dim, action_dim, discrete, units, layers)
         self.critic = Critic(feat_dim, units, layers)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
@@ -147,9 +150,9 @@ class Behavior(nn.Module):
         logp_all = critic_logp(feat if not self.discrete else feat.detach(), hot_all).transpose(0, 1)  # [N, H+1, K]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.discrete):
             value = twohot_decode_logp(logp_all, self.critic.bins)  # discrete: only read detached
-        ret = lambda_return(traj["reward"], traj["cont"], value if not self.discrete else value.detach(),
-                            self.gamma, self.lam)
-        state_cont = torch.cat([traj["start_cont"][:, None], traj["cont"]], 1)
+        cont = traj["cont"] if self.cont == "prob" else (traj["cont"] > 0.5).to(traj["cont"].dtype)
+        ret = lambda_return(traj["reward"], cont, value if not self.discrete else value.detach(), self.gamma, self.lam)
+        state_cont = torch.cat([traj["start_cont"][:, None], cont], 1)
         weight = return_weights(state_cont, self.gamma).detach()[:, :H]
         lo, hi = return_norm_update(self.ret_lo, self.ret_hi, ret, self.retnorm_decay)
         self.ret_lo.copy_(lo)

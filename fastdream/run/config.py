@@ -51,6 +51,7 @@ class TrainConfig:
     compile_model: bool = False  # torch.compile the world model's posterior steps, image nets and critic passes
     gamma: float = 1 - 1 / 333  # discount
     lam: float = 0.95  # lambda of lambda-returns
+    cont: str = "prob"  # prob | mode: the continue head's probability or its mode (DreamerV3) discounts lambda-returns
     entropy: float = 3e-4  # actor entropy scale
     wm_lr: float = 1e-4  # world-model learning rate
     actor_lr: float = 3e-5  # actor learning rate
@@ -248,6 +249,7 @@ def validate(cfg: Config) -> None:
         (t.replay_capacity // e.num_envs >= t.seq_len, "train.replay_capacity // env.num_envs must be >= "
          "train.seq_len", (t.replay_capacity, e.num_envs, t.seq_len)),
         (0.0 <= t.recency <= 1.0, "train.recency must be in [0, 1]", t.recency),
+        (t.cont in ("prob", "mode"), "train.cont must be prob or mode", t.cont),
         (t.eval_episodes >= 1, "train.eval_episodes must be >= 1", t.eval_episodes),
     ]
     for ok, msg, got in checks:

@@ -72,7 +72,7 @@ def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") ->
                     stoch=m.stoch, classes=m.classes, blocks=m.blocks, units=m.units, layers=m.layers,
                     cnn_mult=m.cnn_mult)
     beh = Behavior(wm.rssm.feat_dim, env.num_actions, env.discrete, units=m.units, layers=m.actor_layers,
-                   gamma=t.gamma, lam=t.lam, entropy=t.entropy)
+                   gamma=t.gamma, lam=t.lam, entropy=t.entropy, cont=t.cont)
     agent = Agent(wm, beh, env.num_envs, horizon=t.horizon, discrete=env.discrete,
                   wm_opt=OptimConfig(t.wm_lr, 1e-8, t.wm_clip), actor_opt=OptimConfig(t.actor_lr, 1e-5, t.ac_clip),
                   critic_opt=OptimConfig(t.critic_lr, 1e-5, t.ac_clip), seed=t.seed, precision=precision,
