@@ -45,8 +45,8 @@ def resolve_backend(env_id: str) -> str:
 
 def env_facts(env_id: str) -> dict[str, Any]:
     """What a generic preset is built from, read from the env's spec and spaces (no env is stepped):
-    ``obs`` (``"vector"`` for a 1-D Box observation, else ``"pixels"``: rendered frames), ``discrete``,
-    ``reward_threshold`` (None where the env has none) and ``max_episode_steps`` (None where unbounded)."""
+    ``obs`` (``"vector"`` for a 1-D Box observation, else ``"pixels"``: rendered frames), ``discrete`` and
+    ``reward_threshold`` (None where the env has none)."""
     backend = resolve_backend(env_id)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -54,17 +54,15 @@ def env_facts(env_id: str) -> dict[str, Any]:
             import envpool
 
             spec = envpool.make_spec(env_id)
-            space, act = spec.observation_space, spec.action_space
-            threshold, steps = spec.reward_threshold, int(getattr(spec.config, "max_episode_steps", 0)) or None
+            space, act, threshold = spec.observation_space, spec.action_space, spec.reward_threshold
         else:
             env = gym.make(env_id)
             space, act = env.observation_space, env.action_space
             env.close()
-            spec = gym.spec(env_id)
-            threshold, steps = spec.reward_threshold, spec.max_episode_steps
+            threshold = gym.spec(env_id).reward_threshold
     vector = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
     return {"obs": "vector" if vector else "pixels", "discrete": isinstance(act, gym.spaces.Discrete),
-            "reward_threshold": None if threshold is None else float(threshold), "max_episode_steps": steps}
+            "reward_threshold": None if threshold is None else float(threshold)}
 
 
 def resize_frames(frames: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:

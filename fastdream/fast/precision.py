@@ -44,7 +44,7 @@ def auto_precision(device: torch.device | str) -> str:
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 256, min_time: float = 0.02) -> float:
-    """FLOP/s of an ``[n, n] @ [n, n]`` CPU matmul in ``dtype`` (median-free, one timed loop of ``min_time`` s)."""
+    """FLOP/s of an ``[n, n] @ [n, n]`` CPU matmul in ``dtype``, over one timed loop of at least ``min_time`` s."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     reps, start = 0, time.perf_counter()

@@ -10,18 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from fastdream.run import checkpoint
-from fastdream.run.config import Config, apply, apply_presets, task_presets
+from fastdream.run.config import TASKS, Config, apply, apply_presets, task_presets
+from fastdream.run.logger import read_rows
 from fastdream.run.train import train
-
-# Task names: a task preset's name, or any env id (its task preset or the generic one).
-_TASK_ENVS = {"cartpole": ("CartPole-v1", None), "cartpole-pixels": ("CartPole-v1", "pixels"),
-              "lunarlander": ("LunarLander-v3", None), "lunarlander-pixels": ("LunarLander-v3", "pixels")}
 
 
 def task_config(task: str, seed: int, steps: int | None = None, minutes: float | None = None) -> Config:
-    """The config ``fastdream train`` would run for ``task`` (a task preset name or an env id) and ``seed``."""
-    env_id, obs = _TASK_ENVS.get(task, (task, None))
-    cfg = apply_presets(Config(), task_presets([task] if task in _TASK_ENVS else [], env_id, obs))
+    """The config ``fastdream train`` would run for ``task`` (a task preset name, which names its env, or an env id:
+    its task preset or the generic one) and ``seed``."""
+    cfg = apply_presets(Config(), [task] if task in TASKS else task_presets([], task))
     over: dict[str, Any] = {"train.seed": seed}
     if steps is not None:
         over["train.steps"] = steps
@@ -35,7 +32,7 @@ def _summary(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     ends = [r for r in rows if "summary/stopped" in r]
     if not ends:
         return None
@@ -43,7 +40,7 @@ def _summary(run_dir: Path) -> dict[str, Any] | None:
     end = ends[-1]
     return {"stopped": end["summary/stopped"], "solved": end["summary/stopped"] == "solved",
             "env_steps": int(end["summary/env_steps"]), "updates": int(end["summary/updates"]),
-            "wall_time": float(end["summary/wall_time"]), "final_eval": end["summary/eval_return"],
+            "wall_time": float(end["summary/wall_time"]), "final_eval": float(end["summary/eval_return"]),
             "best_eval": max(evals) if evals else float("nan")}
 
 

@@ -39,6 +39,12 @@ class Logger:
             self._tb.close()
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows a ``Logger`` wrote to ``path`` (a ``metrics.jsonl``), in order; non-finite values stay the strings
+    it wrote them as."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 class Progress:
     """A one-line status with env steps, return, eval and updates/s: on a terminal a live rich bar with an
     ETA; else (output to a file or pipe, e.g. ``nohup fastdream train > log``) a plain line with the

@@ -3,11 +3,12 @@ per group of runs (seeds), each run thin and the group's mean thick (``fastdream
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fastdream.run.logger import read_rows
 
 
 @dataclass
@@ -27,7 +28,7 @@ def load_curve(run_dir: str | Path) -> Curve:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"no metrics.jsonl in {run_dir}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     evals = [r for r in rows if "eval/return" in r]
     if not evals:
         raise ValueError(f"{path} has no eval/return rows yet")
