@@ -80,9 +80,11 @@ class Agent(torch.nn.Module):
         return out
 
     @torch.no_grad()
-    def policy(self, rows: dict[str, np.ndarray], env_ids: np.ndarray, deterministic: bool = False,
-               carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
-        """Env-form actions for the envs ``env_ids`` given their latest rows (updates their carry)."""
+    def observe_rows(self, rows: dict[str, np.ndarray], env_ids: np.ndarray,
+                     carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One posterior step for the envs ``env_ids`` from their latest rows, written into their carry (the agent's,
+        or ``carry``): their features ``[n, F]`` and which of them came from a non-finite observation ``[n]``
+        (their state is zeroed, so a broken simulator cannot poison the carry)."""
         dev = self.carry_deter.device
         obs = self.obs_to_torch(rows, dev)
         ids = torch.as_tensor(np.asarray(env_ids), dtype=torch.long, device=dev)
@@ -90,12 +92,18 @@ class Agent(torch.nn.Module):
         embed = self.wm.encode(obs)
         deter, stoch, _ = self.wm.rssm.obs_step(deter_all[ids], stoch_all[ids], obs["action"], embed,
                                                    obs["is_first"])
-        # A non-finite observation (a broken simulator) must not poison the carry or crash acting:
-        # its env acts uniformly at random; the training side skips and counts the bad updates.
         bad = ~(torch.isfinite(deter).all(-1) & torch.isfinite(stoch).flatten(1).all(-1))
         deter, stoch = torch.nan_to_num(deter), torch.nan_to_num(stoch)
         deter_all[ids], stoch_all[ids] = deter, stoch
-        feat = self.wm.rssm.feat(deter, stoch)
+        return self.wm.rssm.feat(deter, stoch), bad
+
+    @torch.no_grad()
+    def policy(self, rows: dict[str, np.ndarray], env_ids: np.ndarray, deterministic: bool = False,
+               carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+        """Env-form actions for the envs ``env_ids`` given their latest rows (updates their carry)."""
+        feat, bad = self.observe_rows(rows, env_ids, carry)
+        # A non-finite observation: its env acts uniformly at random; the training side skips and counts the bad
+        # updates.
         dist = self.behavior.actor.dist(feat)
         if bad.any() and self.discrete:
             probs = dist.probs.clone()

@@ -147,22 +147,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from fastdream.run import checkpoint
-    from fastdream.run.config import Config
-    from fastdream.run.train import build_agent, build_env, evaluate
+    from fastdream.run.train import evaluate, load_run
 
     if args.episodes < 1:
         raise CliError(f"--episodes must be >= 1, got {args.episodes}")
-    run_dir = Path(args.run_dir)
     try:
-        state, _ = checkpoint.load(run_dir, with_replay=False)
+        cfg, agent, _ = load_run(Path(args.run_dir))
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    cfg = Config.from_dict(state["config"])
-    env = build_env(cfg, num_envs=1)
-    agent = build_agent(cfg, env)
-    agent.load_full_state(state["agent"])
-    env.close()
     frames: list | None = [] if args.video else None
     rets = evaluate(agent, cfg, args.episodes, seed=args.seed, video_frames=frames, deterministic=not args.sample)
     print(f"eval {cfg.env.id}: mean return {np.mean(rets):.1f} over {len(rets)} episodes "
@@ -228,6 +220,49 @@ def _bench_learn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evolve(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from fastdream.research.evolve import EvolveSettings, evolve, format_evolve_table
+
+    try:
+        taus = [float(t) for t in args.tau.split(",") if t.strip()]
+    except ValueError:
+        raise CliError(f"--tau takes comma-separated numbers > 0, got {args.tau!r}") from None
+    settings = EvolveSettings(population=args.population, dreams=args.dreams, horizon=args.horizon,
+                              generations=args.generations, sigma=args.sigma, start=args.start,
+                              eval_every=args.eval_every, eval_dreams=args.eval_dreams, episodes=args.episodes,
+                              seed=args.seed)
+    live = not args.quiet and sys.stdout.isatty()
+    if live:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]evolve"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                       TextColumn("{task.description}"), TimeRemainingColumn())
+        task = bar.add_task("", total=len(taus) * args.generations)
+    say = bar.console.print if live else print
+
+    def on_generation(tau: float, row: dict) -> None:
+        if live:
+            bar.update(task, advance=1, description=f"tau {tau:g} gen {row['generation']} "
+                                                    f"dream best {row['dream_best']:.1f}")
+        if "real" in row:
+            say(f"  tau {tau:g} generation {row['generation']}: mean controller dream {row['eval_dream']:.1f} "
+                f"(length {row['eval_length']:.1f}), real {row['real']:.1f} ± {row['real_std']:.1f}", flush=True)
+
+    try:
+        with bar if live else nullcontext():
+            summary = evolve(args.run_dir, taus, settings, args.out, on_generation)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(format_evolve_table(summary))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "evolve"
+    plot = summary["plot"] or "no evolve.png (install matplotlib: pip install 'fastdream[plot]')"
+    print(f"wrote {out / 'evolve.json'}; {plot}")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from fastdream.run.plots import load_curve, parse_group, plot_groups
 
@@ -252,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a DreamerV3 agent (default: CartPole-v1 until solved)")
     t.add_argument("--env", default=None, help="EnvPool or gymnasium id (default: CartPole-v1)")
-    t.add_argument("--envs", type=int, default=None, help="parallel training envs (preset default: 64)")
+    t.add_argument("--envs", type=int, default=None, help="parallel training envs (default: the preset's; CartPole 8)")
     t.add_argument("--preset", action="append", default=None,
                    help="presets applied in order, comma-separated or repeated: cartpole, cartpole-pixels, "
                         "lunarlander, lunarlander-pixels, tiny, xs, s (the env's task preset comes first "
@@ -270,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dream engine (default: the task preset's: auto for vector CartPole, compile for the rest); "
                    + "; ".join(f"{k}: {v}" for k, v in ENGINES.items()))
     t.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
-                   help="update precision (default auto: bf16 on a bf16 GPU or an AMX CPU, else fp32)")
+                   help="update precision (default auto: bf16 on a bf16 GPU or an AMX or AVX512-BF16 CPU, else fp32)")
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.horizon=10 (repeatable)")
@@ -285,6 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sample", action="store_true",
                    help="sample actions from the policy (seeded by the checkpoint) instead of taking its mode")
     e.set_defaults(func=_cmd_eval)
+
+    ev = sub.add_parser("evolve", help="a linear controller evolved by CMA-ES only in a run's dream (World Models), "
+                                       "then scored on the real env")
+    ev.add_argument("run_dir", help="a trained run's directory (its checkpoint's world model is used, frozen)")
+    ev.add_argument("--tau", default="1.0", help="dream temperatures, comma-separated (default: 1.0): the prior "
+                                                 "logits are divided by tau; > 1 is a noisier dream")
+    ev.add_argument("--population", type=int, default=64, help="CMA-ES candidates per generation (default: 64)")
+    ev.add_argument("--dreams", type=int, default=16, help="dreams per candidate (default: 16)")
+    ev.add_argument("--horizon", type=int, default=200, help="dream steps (default: 200)")
+    ev.add_argument("--generations", type=int, default=30, help="per temperature (default: 30); more resumes")
+    ev.add_argument("--sigma", type=float, default=0.1, help="CMA-ES's initial step size (default: 0.1)")
+    ev.add_argument("--start", default="replay", choices=["replay", "reset"],
+                    help="dreams start from posterior states of the run's replay or of fresh env resets")
+    ev.add_argument("--eval-every", type=int, default=5, help="score the mean controller every N generations")
+    ev.add_argument("--eval-dreams", type=int, default=1024, help="dreams per dream score (default: 1024)")
+    ev.add_argument("--episodes", type=int, default=100, help="real episodes per real score (default: 100)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default=None, help="output directory (default: RUN_DIR/evolve); again to resume")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_evolve)
 
     c = sub.add_parser("collect", help="step a random policy in vectorised envs into the replay buffer")
     c.add_argument("--env", default="CartPole-v1", help="EnvPool or gymnasium id (default: CartPole-v1)")

@@ -19,6 +19,7 @@ MODEL = ("fastdream.model", *FAST)
 DREAM = ("fastdream.dream", "fastdream.kernels", *MODEL)
 AGENT = ("fastdream.agent", *DREAM)
 RUN = ("fastdream.run", *AGENT, *DATA)
+RESEARCH = ("fastdream.research", *RUN)
 
 # (what runs, the fastdream packages it may load, whether it may load torch)
 FLOORS = [
@@ -37,6 +38,7 @@ FLOORS = [
     ("from fastdream.run.config import Config, validate; validate(Config())",
      ("fastdream.run.config", "fastdream.dream.engines", "fastdream.dream.schedule"), False),
     ("import fastdream.run.train", RUN, True),
+    ("import fastdream.research.evolve", RESEARCH, True),
 ]
 
 

@@ -89,40 +89,58 @@ def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") ->
 def evaluate(agent: Agent, cfg: Config, episodes: int, seed: int, video_frames: list | None = None,
              deterministic: bool = True) -> list[float]:
     """Returns of ``episodes`` episodes, one per fresh eval env (seeded by ``seed``), acting with the
-    policy's mode (``deterministic``) or sampling from it with the agent's generator. The posterior's
-    latent draws come from torch's RNG seeded by ``seed`` inside a fork, so the same ``seed`` replays
-    the same episodes and an eval leaves the training run's random stream untouched.
+    policy's mode (``deterministic``) or sampling from it with the agent's generator (``play``).
 
     With ``video_frames`` a list, full-resolution frames of env 0's episode are appended to it.
     """
     dev = agent.carry_deter.device
+    carry = agent.wm.rssm.initial(episodes, dev)
+
+    def act(rows: dict[str, np.ndarray]) -> np.ndarray:
+        return agent.policy(rows, rows["env_ids"], deterministic=deterministic, carry=carry)
+
+    return play(act, cfg, episodes, seed, dev, video_frames)
+
+
+@torch.no_grad()
+def play(act: Callable[[dict[str, np.ndarray]], np.ndarray], cfg: Config, episodes: int, seed: int,
+         device: torch.device | str = "cpu", video_frames: list | None = None) -> list[float]:
+    """Returns of ``episodes`` episodes, one per fresh env of ``cfg``'s task (seeded by ``seed``), acting with
+    ``act(rows) -> env-form actions`` (it keeps its own recurrent state). Torch's RNG on ``device`` is seeded by
+    ``seed`` inside a fork, so the posterior's latent draws replay for the same ``seed`` and the caller's random
+    stream is untouched. With ``video_frames`` a list, env 0's full-resolution frames are appended to it."""
+    dev = torch.device(device)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        return _play(agent, cfg, episodes, seed, video_frames, deterministic)
-
-
-def _play(agent: Agent, cfg: Config, episodes: int, seed: int, video_frames: list | None,
-          deterministic: bool) -> list[float]:
-    env = build_env(cfg, seed=seed, num_envs=episodes, render=video_frames is not None)
-    dev = agent.carry_deter.device
-    carry = agent.wm.rssm.initial(episodes, dev)
-    rows = env.reset()
-    ret = np.zeros(episodes)
-    done = np.zeros(episodes, dtype=bool)
-    limit = (env.max_episode_steps or 10_000) + 2
-    for _ in range(limit):
-        if video_frames is not None and not done[0]:
-            video_frames.append(env.render_frames(np.array([0]))[0])
-        actions = agent.policy(rows, rows["env_ids"], deterministic=deterministic, carry=carry)
-        rows = env.step(actions, rows["env_ids"])
-        ids = rows["env_ids"]
-        live = ~done[ids]
-        ret[ids[live]] += rows["reward"][live]
-        done[ids[live & rows["is_last"]]] = True
-        if done.all():
-            break
-    env.close()
+        env = build_env(cfg, seed=seed, num_envs=episodes, render=video_frames is not None)
+        rows = env.reset()
+        ret = np.zeros(episodes)
+        done = np.zeros(episodes, dtype=bool)
+        limit = (env.max_episode_steps or 10_000) + 2
+        for _ in range(limit):
+            if video_frames is not None and not done[0]:
+                video_frames.append(env.render_frames(np.array([0]))[0])
+            rows = env.step(act(rows), rows["env_ids"])
+            ids = rows["env_ids"]
+            live = ~done[ids]
+            ret[ids[live]] += rows["reward"][live]
+            done[ids[live & rows["is_last"]]] = True
+            if done.all():
+                break
+        env.close()
     return ret.tolist()
+
+
+def load_run(run_dir: str | Path, with_replay: bool = False) -> tuple[Config, Agent, ReplayBuffer | None]:
+    """A run's config, its agent as last checkpointed (on the CPU) and, with ``with_replay``, its replay; a run dir
+    without a checkpoint is a ValueError naming it."""
+    state, replay = checkpoint.load(Path(run_dir), with_replay=with_replay)
+    cfg = Config.from_dict(state["config"])
+    env = build_env(cfg, num_envs=1)
+    agent = build_agent(cfg, env)
+    env.close()
+    agent.load_full_state(state["agent"])
+    return cfg, agent, replay
 
 
 # ---------------------------------------------------------------- the loop
