@@ -155,6 +155,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cfg, agent, _ = load_run(Path(args.run_dir))
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if args.model_error:
+        return _model_error(args, cfg, agent)
     frames: list | None = [] if args.video else None
     rets = evaluate(agent, cfg, args.episodes, seed=args.seed, video_frames=frames, deterministic=not args.sample)
     print(f"eval {cfg.env.id}: mean return {np.mean(rets):.1f} over {len(rets)} episodes "
@@ -164,6 +166,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         path = write_video(args.video, frames)
         print(f"video of episode 1 ({len(frames)} frames) written to {path}")
+    return 0
+
+
+def _model_error(args: argparse.Namespace, cfg, agent) -> int:
+    from pathlib import Path
+
+    from fastdream.research.model_error import format_model_error, model_error, write_report
+
+    horizon = cfg.train.horizon if args.horizon is None else args.horizon
+    if args.envs < 1:
+        raise CliError(f"--envs must be >= 1, got {args.envs}")
+    try:
+        report = model_error(agent, cfg, horizon, envs=args.envs, length=args.length, seed=args.seed,
+                             deterministic=not args.sample)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(f"model error of {cfg.env.id}: {report['starts']:,} open-loop windows of {horizon} steps from "
+          f"{args.envs} fresh envs x {args.length} rows ({report['policy']} actions)")
+    print(format_model_error(report))
+    path, plot = write_report(report, Path(args.out) if args.out else Path(args.run_dir) / "model_error")
+    print(f"wrote {path}; {plot or 'no plot (install matplotlib: pip install fastdream[plot])'}")
     return 0
 
 
@@ -319,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--sample", action="store_true",
                    help="sample actions from the policy (seeded by the checkpoint) instead of taking its mode")
+    e.add_argument("--model-error", action="store_true",
+                   help="instead: open-loop k-step prediction errors on fresh real sequences, their growth per "
+                        "step, and Lipschitz estimates of dynamics, reward and policy (table, JSON, PNG)")
+    e.add_argument("--horizon", type=int, default=None, help="model error: k up to H (default: the run's horizon)")
+    e.add_argument("--envs", type=int, default=16, help="model error: fresh envs (default: 16)")
+    e.add_argument("--length", type=int, default=256, help="model error: rows per env (default: 256)")
+    e.add_argument("--out", default=None, help="model error: output directory (default: RUN_DIR/model_error)")
     e.set_defaults(func=_cmd_eval)
 
     ev = sub.add_parser("evolve", help="a linear controller evolved by CMA-ES only in a run's dream (World Models), "

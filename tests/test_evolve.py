@@ -16,23 +16,14 @@ from fastdream.research.evolve import (
     real_returns,
     tempered_prior,
 )
-from fastdream.run.config import Config, apply
-from fastdream.run.train import load_run, train
+from fastdream.run.train import load_run
 
-SMALL = {"model.deter": 32, "model.hidden": 32, "model.units": 32, "model.stoch": 8, "model.classes": 4,
-         "model.blocks": 4, "train.horizon": 5, "env.num_envs": 4, "train.batch_size": 2, "train.seq_len": 8,
-         "train.prefill": 64, "train.train_ratio": 4.0, "train.warmup_updates": 5, "train.steps": 160,
-         "train.eval_every": 10**9, "train.checkpoint_every": 10**9, "train.log_every": 50,
-         "train.replay_capacity": 4 * 100}
 QUICK = {"population": 4, "dreams": 3, "horizon": 12, "eval_every": 2, "eval_dreams": 16, "episodes": 4}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A briefly trained CartPole run (its world model is what the dream needs, not a good one)."""
-    path = tmp_path_factory.mktemp("evolve") / "run"
-    train(apply(Config(), SMALL), path, progress=False)
-    return path
+@pytest.fixture
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def test_controller_actions_are_the_argmax_or_tanh_of_each_linear_map():

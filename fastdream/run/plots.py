@@ -122,3 +122,35 @@ def plot_evolution(summary: dict, out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_model_error(report: dict, out: str | Path) -> Path:
+    """Writes a PNG of ``fastdream eval --model-error``'s open-loop errors against k: the latent KL (left) and the
+    observation, reward and continue errors (right, log scale; k = 0 is the posterior)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    errors = report["errors"]
+    k = np.arange(report["horizon"] + 1)
+    axes[0].plot(k[1:], errors["latent_kl"][1:], marker="o", ms=3, lw=2)
+    axes[0].set_ylabel("KL(posterior || k-step prior), nats")
+    for name, values in errors.items():
+        if name != "latent_kl":
+            axes[1].plot(k, np.maximum(values, 1e-12), marker="o", ms=3, lw=2,
+                         label=f"{name} (x{report['growth'][name]:.2f}/step)")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("error (obs: squared; reward, cont: absolute)")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("k (open-loop steps from a posterior state)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['env']}: open-loop model error on {report['starts']:,} held-out windows")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
