@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdream.model.maths import unimix_probs
+from fastdream.model.maths import inverse_cdf_index, unimix_probs
 from fastdream.research.evolve import (
     EvolveSettings,
     controller_actions,
@@ -14,6 +14,7 @@ from fastdream.research.evolve import (
     dream_returns,
     evolve,
     real_returns,
+    tempered_draw,
     tempered_prior,
 )
 from fastdream.run.train import load_run
@@ -51,6 +52,18 @@ def test_tempered_prior_is_the_prior_at_one_and_flattens_above_it():
     ents = [entropy(t) for t in taus]
     assert all(a < b for a, b in zip(ents, ents[1:], strict=False)), ents
     assert abs(ents[-1] - np.log(16)) < 0.01  # τ = 100: nearly uniform over K = 16
+
+
+def test_tempered_draw_is_the_inverse_cdf_of_the_tempered_prior(run_dir):
+    _, agent, _ = load_run(run_dir)
+    rssm = agent.wm.rssm
+    g = torch.Generator().manual_seed(4)
+    deter, noise = torch.randn(300, rssm.deter, generator=g), torch.rand(300, rssm.stoch, generator=g)
+    for tau in (0.5, 1.0, 1.5):
+        with torch.no_grad():
+            want = inverse_cdf_index(tempered_prior(rssm.prior_raw(deter), tau, rssm.unimix), noise)
+            got = tempered_draw(rssm, deter, tau, noise)
+        assert (got == want).float().mean() > 0.999  # a draw on a class boundary may round either way
 
 
 def test_dream_returns_of_a_batch_equal_each_controller_dreamed_alone(run_dir):

@@ -89,7 +89,13 @@ class RSSM(nn.Module):
                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The next deter ``[N, D]`` from ``stoch [N, S, K]`` and ``action_in = action_input(action)``: the block
         GRU's gate maths on its block matmul's output, its bias fused in (``nets.gru_gate_grouped``)."""
-        y = torch.bmm(self.gru_input(deter, self.dynin_stoch(stoch.flatten(-2)), action_in, weights), self.gru.weight)
+        return self.gru_next(deter, self.dynin_stoch(stoch.flatten(-2)), action_in, weights)
+
+    def gru_next(self, deter: torch.Tensor, stoch_in: torch.Tensor, action_in: torch.Tensor,
+                 weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``gru_step`` from the stoch input ``stoch_in = dynin_stoch(stoch) [N, H]`` (a one-hot dream gathers it:
+        ``nets.onehot_norm_silu``)."""
+        y = torch.bmm(self.gru_input(deter, stoch_in, action_in, weights), self.gru.weight)
         return gru_gate_grouped(y, self.gru.bias, deter)
 
     def gate_inputs(self, deter: torch.Tensor, stoch: torch.Tensor, action_in: torch.Tensor) -> torch.Tensor:
