@@ -12,6 +12,7 @@ import torch
 from fastdream.dream.rollout import imagine
 from fastdream.dream.schedule import HorizonSchedule
 from fastdream.model.behavior import Behavior
+from fastdream.model.maths import noisy_rewards
 from fastdream.model.world_model import WorldModel
 
 
@@ -44,13 +45,14 @@ class Agent(torch.nn.Module):
                  discrete: bool = True, wm_opt: OptimConfig | None = None, actor_opt: OptimConfig | None = None,
                  critic_opt: OptimConfig | None = None, seed: int = 0, precision: str = "fp32",
                  dream_starts: int = 0, engine: str = "auto", schedule: HorizonSchedule | None = None,
-                 compile_model: bool = False) -> None:
+                 compile_model: bool = False, reward_noise: float = 0.0) -> None:
         super().__init__()
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
         self.dream_starts = dream_starts  # 0: dream from every posterior state of the batch
         self.engine = engine
+        self.reward_noise = reward_noise  # std of zero-mean noise on imagined rewards (0: none)
         # Compiled graphs for the world model's posterior steps and image nets (WorldModel.loss) and the critics'
         # passes (Behavior.losses), whatever the dream engine.
         self.compiled = compile_model
@@ -166,6 +168,8 @@ class Agent(torch.nn.Module):
                 traj = imagine(self.wm, self.behavior.actor, starts, horizon, engine=self.engine,
                                grad=not self.discrete, dense_feat=False, precision=self.precision)
                 traj["start_cont"] = start_cont
+                if self.reward_noise > 0:
+                    traj["reward"] = noisy_rewards(traj["reward"], self.reward_noise)
                 actor_loss, critic_loss, bm = self.behavior.losses(traj, compiled=self.compiled)
             metrics.update(bm)
             if not (torch.isfinite(actor_loss) and torch.isfinite(critic_loss)):

@@ -127,6 +127,14 @@ def straight_through_sample(logits: torch.Tensor, noise: torch.Tensor | None = N
     return straight_through_draw(probs, noise)[0]
 
 
+def noisy_rewards(reward: torch.Tensor, sigma: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Imagined rewards ``[N, H]`` plus zero-mean Gaussian noise of std ``sigma`` (``noise``: standard normal draws
+    of ``reward``'s shape, fresh ones if None): the reward-noise study of "On Training in Imagination" (2026)."""
+    if noise is None:
+        noise = torch.randn_like(reward)
+    return reward + sigma * noise
+
+
 def categorical_kl(lhs_logits: torch.Tensor, rhs_logits: torch.Tensor) -> torch.Tensor:
     """KL(lhs ‖ rhs) of categoricals ``[..., S, K]`` summed over the S latents → ``[...]``."""
     lhs_logp = lhs_logits.log_softmax(-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +74,16 @@ class TrainConfig:
 
 
 @dataclass
+class DreamConfig:
+    reward_noise: float = 0.0  # std of zero-mean Gaussian noise added to every imagined reward (0: none)
+
+
+@dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dream: DreamConfig = field(default_factory=DreamConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,6 +258,8 @@ def validate(cfg: Config) -> None:
         (0.0 <= t.recency <= 1.0, "train.recency must be in [0, 1]", t.recency),
         (t.cont in ("prob", "mode"), "train.cont must be prob or mode", t.cont),
         (t.eval_episodes >= 1, "train.eval_episodes must be >= 1", t.eval_episodes),
+        (cfg.dream.reward_noise >= 0 and math.isfinite(cfg.dream.reward_noise),
+         "dream.reward_noise must be a finite number >= 0", cfg.dream.reward_noise),
     ]
     for ok, msg, got in checks:
         if not ok:

@@ -77,6 +77,7 @@ def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") ->
                   wm_opt=OptimConfig(t.wm_lr, 1e-8, t.wm_clip), actor_opt=OptimConfig(t.actor_lr, 1e-5, t.ac_clip),
                   critic_opt=OptimConfig(t.critic_lr, 1e-5, t.ac_clip), seed=t.seed, precision=precision,
                   dream_starts=t.dream_starts, engine=t.engine, compile_model=t.compile_model,
+                  reward_noise=cfg.dream.reward_noise,
                   schedule=HorizonSchedule(t.horizon_mode, t.horizon, t.h_min, t.h_max, t.ramp_start, t.ramp_end,
                                            t.dream_budget))
     return agent.to(device)
