@@ -151,12 +151,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         raise CliError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.dream and args.model_error:
+        raise CliError("--dream and --model-error are separate reports; ask for one")
     try:
         cfg, agent, _ = load_run(Path(args.run_dir))
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if args.model_error:
         return _model_error(args, cfg, agent)
+    if args.dream:
+        return _dream_view(args, cfg, agent)
     frames: list | None = [] if args.video else None
     rets = evaluate(agent, cfg, args.episodes, seed=args.seed, video_frames=frames, deterministic=not args.sample)
     print(f"eval {cfg.env.id}: mean return {np.mean(rets):.1f} over {len(rets)} episodes "
@@ -166,6 +170,43 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         path = write_video(args.video, frames)
         print(f"video of episode 1 ({len(frames)} frames) written to {path}")
+    return 0
+
+
+def _dream_view(args: argparse.Namespace, cfg, agent) -> int:
+    from pathlib import Path
+
+    from fastdream.run.dream_view import dream_prediction, held_out_sequences, side_by_side_frames
+    from fastdream.run.logger import write_video
+
+    horizon = cfg.train.horizon if args.horizon is None else args.horizon
+    if horizon < 1:
+        raise CliError(f"--horizon must be >= 1, got {horizon}")
+    if args.video and not agent.wm.image:
+        raise CliError(f"{args.run_dir} observes {cfg.env.obs} only: a dream video needs a pixel run; without --video "
+                       "--dream plots the dreamed observations beside the real ones")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "dream"
+    seq = held_out_sequences(agent, cfg, 1, horizon + 9, seed=args.seed, deterministic=not args.sample)
+    try:
+        pred = dream_prediction(agent, seq, horizon, seed=args.seed)
+    except ValueError as exc:
+        raise CliError(f"{exc}; try another --seed or a shorter --horizon") from None
+    print(f"dream of {cfg.env.id}: {horizon} open-loop steps from row {int(pred['start'])} of a fresh episode "
+          f"(seed {args.seed})")
+    for name in ("vector", "reward", "cont"):
+        if f"real_{name}" in pred:
+            err = abs(pred[f"pred_{name}"] - pred[f"real_{name}"])
+            err = err.mean(-1) if err.ndim > 1 else err
+            print(f"  {name:>6} |dream - real|: k=0 {err[0]:.4g}, k={horizon} {err[-1]:.4g}")
+    if agent.wm.image:
+        path = write_video(args.video or out / "dream.gif", side_by_side_frames(pred))
+        print(f"wrote {path} (real left, dream right, {horizon + 1} frames)")
+    try:
+        from fastdream.run.plots import plot_dream
+
+        print(f"wrote {plot_dream(pred, out / 'dream.png', title=f'{cfg.env.id}: the dream beside the real env')}")
+    except ImportError:
+        print("no dream.png (install matplotlib: pip install 'fastdream[plot]')")
     return 0
 
 
@@ -342,13 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--sample", action="store_true",
                    help="sample actions from the policy (seeded by the checkpoint) instead of taking its mode")
+    e.add_argument("--dream", action="store_true",
+                   help="instead: one open-loop dream beside the fresh real episode it predicts: a video (real left, "
+                        "dream right) for pixel runs with --video, and a plot of observations, reward and continue")
     e.add_argument("--model-error", action="store_true",
                    help="instead: open-loop k-step prediction errors on fresh real sequences, their growth per "
                         "step, and Lipschitz estimates of dynamics, reward and policy (table, JSON, PNG)")
-    e.add_argument("--horizon", type=int, default=None, help="model error: k up to H (default: the run's horizon)")
+    e.add_argument("--horizon", type=int, default=None,
+                   help="dream and model error: k up to H (default: the run's horizon)")
     e.add_argument("--envs", type=int, default=16, help="model error: fresh envs (default: 16)")
     e.add_argument("--length", type=int, default=256, help="model error: rows per env (default: 256)")
-    e.add_argument("--out", default=None, help="model error: output directory (default: RUN_DIR/model_error)")
+    e.add_argument("--out", default=None,
+                   help="dream and model error: output directory (default: RUN_DIR/dream or RUN_DIR/model_error)")
     e.set_defaults(func=_cmd_eval)
 
     ev = sub.add_parser("evolve", help="a linear controller evolved by CMA-ES only in a run's dream (World Models), "

@@ -9,11 +9,11 @@ import torch
 from fastdream.model.maths import categorical_kl, symexp
 from fastdream.research.model_error import (
     growth_per_step,
-    held_out_sequences,
     jacobian_norms,
     lipschitz_estimates,
     open_loop_errors,
 )
+from fastdream.run.dream_view import held_out_sequences
 from fastdream.run.train import load_run
 
 

@@ -3,11 +3,10 @@ k-step prediction errors on held-out real sequences, their per-step growth, and 
 dynamics, reward and policy at real states (``fastdream eval RUN_DIR --model-error``).
 
 The paper bounds a return's error in imagination by the per-step model error compounding through the Lipschitz
-constants of dynamics, reward and policy; this measures each ingredient. Open loop: from the posterior state at
-row t, the prior alone is rolled with the real actions of rows t+1..t+k (its stoch drawn from the prior), and the
-k-step state is compared with row t+k: the latent KL(posterior ‖ k-step prior), the decoded observation's error,
-the reward's and the continue probability's. k = 0 is the posterior itself (what the decoders make of a state
-that saw its observation).
+constants of dynamics, reward and policy; this measures each ingredient. The k-step state of the open loop
+(``run.dream_view.open_loop``) is compared with row t+k: the latent KL(posterior ‖ k-step prior), the decoded
+observation's error, the reward's and the continue probability's. k = 0 is the posterior itself (what the decoders
+make of a state that saw its observation).
 """
 
 from __future__ import annotations
@@ -21,32 +20,11 @@ import numpy as np
 import torch
 
 from fastdream.agent import Agent
-from fastdream.model.maths import categorical_kl, straight_through_draw, symexp, unimix_probs
+from fastdream.model.maths import categorical_kl, symexp
 from fastdream.run.config import Config
-from fastdream.run.train import build_env
+from fastdream.run.dream_view import held_out_sequences, open_loop, windows
 
 METRICS = ("latent_kl", "obs_vector", "obs_image", "reward", "cont")
-
-
-@torch.no_grad()
-def held_out_sequences(agent: Agent, cfg: Config, envs: int, length: int, seed: int, deterministic: bool = True
-                       ) -> dict[str, torch.Tensor]:
-    """``length`` rows ``[envs, length, ...]`` of fresh envs of the run's task (seeded by ``seed``, not the
-    replay's), acting with the run's policy (its mode, or sampled)."""
-    env = build_env(cfg, seed=seed, num_envs=envs)
-    carry = agent.wm.rssm.initial(envs)
-    rows = env.reset()
-    steps = []
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for _ in range(length):
-            if not np.array_equal(rows["env_ids"], np.arange(envs)):
-                raise RuntimeError(f"expected the rows of envs 0..{envs - 1} in order, got {rows['env_ids']}")
-            steps.append({k: v for k, v in rows.items() if k != "env_ids"})
-            rows = env.step(agent.policy(rows, rows["env_ids"], deterministic=deterministic, carry=carry),
-                            rows["env_ids"])
-    env.close()
-    return {k: torch.as_tensor(np.stack([s[k] for s in steps], 1)) for k in steps[0]}
 
 
 @torch.no_grad()
@@ -60,25 +38,14 @@ def open_loop_errors(agent: Agent, seq: dict[str, torch.Tensor], horizon: int, s
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         post = rssm.observe(wm.encode(seq), seq["action"], seq["is_first"])
-        n_rows = seq["is_first"].shape[1]
-        firsts = torch.cumsum(seq["is_first"].long(), 1)
-        t = torch.arange(n_rows - horizon)
-        e_idx, t_idx = ((firsts[:, t + horizon] - firsts[:, t]) == 0).nonzero(as_tuple=True)
-        t_idx = t[t_idx]
+        e_idx, t_idx = windows(seq["is_first"], horizon)
         if len(e_idx) == 0:
             raise ValueError(f"no window of {horizon + 1} rows inside one episode; use longer sequences")
-        deter, stoch = post["deter"][e_idx, t_idx], post["stoch"][e_idx, t_idx]
         out: dict[str, list[float]] = {k: [] for k in METRICS}
-        for k in range(horizon + 1):
+        for k, deter, stoch, prior in open_loop(wm, post, seq["action"], e_idx, t_idx, horizon):
             row = t_idx + k
-            if k:
-                deter = rssm.core(deter, stoch, seq["action"][e_idx, row])
-                prior = rssm.prior_logits(deter)
-                stoch, _ = straight_through_draw(unimix_probs(rssm.prior_raw(deter), rssm.unimix),
-                                                 torch.rand(deter.shape[0], rssm.stoch))
-                out["latent_kl"].append(float(categorical_kl(post["post"][e_idx, row], prior).mean()))
-            else:
-                out["latent_kl"].append(math.nan)
+            kl = math.nan if prior is None else float(categorical_kl(post["post"][e_idx, row], prior).mean())
+            out["latent_kl"].append(kl)
             feat = rssm.feat(deter, stoch)
             if wm.vector_dim:
                 err = (symexp(wm.vec_dec(feat)) - seq["vector"][e_idx, row]) ** 2

@@ -66,6 +66,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # updates between checkpoints
     save_replay: bool = True  # save the replay beside checkpoints
     log_every: int = 50  # updates between metric rows
+    dream_every: int = 5  # evals between TensorBoard pictures of a dream beside the real env (0: none; ~0.4 s each)
     max_bad_updates: int = 10  # consecutive skipped updates before the run stops
     seed: int = 0  # seed of envs, networks, sampling
     device: str = "auto"  # auto | cpu | cuda
@@ -258,6 +259,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= t.recency <= 1.0, "train.recency must be in [0, 1]", t.recency),
         (t.cont in ("prob", "mode"), "train.cont must be prob or mode", t.cont),
         (t.eval_episodes >= 1, "train.eval_episodes must be >= 1", t.eval_episodes),
+        (t.dream_every >= 0, "train.dream_every must be >= 0 (0: no dream pictures)", t.dream_every),
         (cfg.dream.reward_noise >= 0 and math.isfinite(cfg.dream.reward_noise),
          "dream.reward_noise must be a finite number >= 0", cfg.dream.reward_noise),
     ]

@@ -33,6 +33,15 @@ class Logger:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
+    def add_image(self, tag: str, image: Any, step: int) -> None:
+        """An RGB picture ``[h, w, 3]`` uint8 to TensorBoard (nothing without it)."""
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
+    @property
+    def tensorboard(self) -> bool:
+        return self._tb is not None
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

@@ -154,3 +154,43 @@ def plot_model_error(report: dict, out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_dream(pred: dict, out: str | Path | None = None, title: str = "") -> Path | np.ndarray:
+    """The dream beside the real env over k = 0..H (``run.dream_view.dream_prediction``): one panel per observation
+    dimension, then reward and continue; real solid, dreamed dashed. Writes a PNG to ``out``, or returns the
+    picture as an RGB array ``[h, w, 3]`` uint8 when ``out`` is None (TensorBoard)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [(f"obs[{i}]", pred["real_vector"][:, i], pred["pred_vector"][:, i])
+              for i in range(pred["real_vector"].shape[1] if "real_vector" in pred else 0)]
+    series += [("reward", pred["real_reward"], pred["pred_reward"]), ("continue", pred["real_cont"], pred["pred_cont"])]
+    cols = min(len(series), 3)
+    rows = -(-len(series) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.4 * rows), squeeze=False)
+    k = np.arange(len(pred["real_reward"]))
+    for ax, (name, real, dream) in zip(axes.flat, series, strict=False):
+        ax.plot(k, real, color="black", lw=1.5, label="real")
+        ax.plot(k, dream, color="tab:orange", lw=1.5, ls="--", label="dream")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel(f"k (open-loop steps from row {int(pred['start'])})", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if out is None:
+        fig.canvas.draw()
+        picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        plt.close(fig)
+        return picture
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

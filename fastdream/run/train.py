@@ -376,7 +376,30 @@ class TrainingRun:
         self.last_eval = float(np.mean(rets))
         self.write({"eval/return": self.last_eval, "eval/return_min": min(rets), "eval/return_max": max(rets),
                     "progress/updates": c["updates"], "progress/wall_time": self.wall_time()})
+        if t.dream_every and (c["evals"] - 1) % t.dream_every == 0 and self.logger.tensorboard:
+            self.log_dream(seed=t.seed + 200_000 + c["evals"])
         return self.last_eval
+
+    def log_dream(self, seed: int) -> None:
+        """TensorBoard: one open-loop dream of H steps beside the real env it predicts (a fresh env): the frames (real
+        above, dreamed below) for pixel runs, the observation, reward and continue curves for vector ones."""
+        from fastdream.run.dream_view import dream_prediction, dream_strip, held_out_sequences
+
+        h = self.t.horizon
+        seq = held_out_sequences(self.agent, self.cfg, 1, h + 9, seed=seed)
+        try:
+            pred = dream_prediction(self.agent, seq, h, seed=seed)
+        except ValueError:  # the episode ended inside the window: no dream this time
+            return
+        step = self.counters["env_steps"]
+        if "real_image" in pred:
+            self.logger.add_image("dream/frames", dream_strip(pred), step)
+        try:
+            from fastdream.run.plots import plot_dream
+
+            self.logger.add_image("dream/curves", plot_dream(pred), step)
+        except ImportError:  # matplotlib is the [plot] extra
+            pass
 
     def checkpoint(self) -> Path:
         """Writes the checkpoint atomically (weights, optimisers, counters, RNG states, carry, action log, replay)."""
