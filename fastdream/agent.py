@@ -159,8 +159,9 @@ class Agent(torch.nn.Module):
             start_cont = (~batch["is_terminal"]).float().reshape(B * T)
             horizon = self.schedule.horizon_at(update)
             n = self.schedule.starts_at(update, B * T, self.dream_starts)
-            if n < B * T:
-                pick = torch.randperm(B * T, device=start_cont.device)[:n]
+            if n != B * T:  # fewer dreams: distinct states; more (a budget of short dreams): states drawn again
+                dev = start_cont.device
+                pick = torch.randperm(B * T, device=dev)[:n] if n < B * T else torch.randint(B * T, (n,), device=dev)
                 starts, start_cont = (starts[0][pick], starts[1][pick]), start_cont[pick]
             metrics["dream/horizon"] = torch.tensor(float(horizon))
             metrics["dream/starts"] = torch.tensor(float(n))

@@ -327,6 +327,61 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastdream.research.study import (
+        format_study,
+        horizon_settings,
+        reward_noise_settings,
+        run_study,
+        summarise_study,
+        write_study,
+    )
+    from fastdream.run.config import apply, parse_sets, validate
+    from fastdream.run.learn_bench import task_config
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        values = [float(v) for v in args.values.split(",") if v.strip()] if args.values else None
+        dreams = [int(v) for v in args.dreams.split(",") if v.strip()]
+    except ValueError:
+        raise CliError("--seeds and --dreams take comma-separated ints, --values comma-separated numbers") from None
+    if not seeds:
+        raise CliError("--seeds needs at least one seed")
+    try:
+        extra = parse_sets(args.set)
+        base = task_config(args.task, seeds[0], args.steps, args.minutes)
+        if args.name == "horizon":
+            if values and any(v < 1 or v != int(v) for v in values):
+                raise CliError(f"horizon study: --values are horizons, ints >= 1, got {args.values}")
+            settings = horizon_settings(base, tuple(int(v) for v in values) if values else (1, 3, 5, 10, 15, 30),
+                                        ramp_end=args.ramp_end)
+        else:
+            if values and any(v < 0 for v in values):
+                raise CliError(f"reward-noise study: --values are noise stds >= 0, got {args.values}")
+            settings = reward_noise_settings(tuple(values) if values else (0.0, 0.3, 1.0), tuple(dreams))
+        for over in settings.values():  # every setting's config checked before the first run
+            validate(apply(base, {**extra, **over}))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    study_dir = Path(args.dir or f"runs/study-{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"study {args.name}: {args.task}, {len(settings)} settings x seeds {seeds}, runs in {study_dir}", flush=True)
+
+    def show(rec: dict) -> None:
+        what = "solved" if rec["solved"] else f"not solved ({rec['stopped']})"
+        print(f"  {rec['setting']} seed {rec['seed']}: {what} at {rec['env_steps']:,} env steps, "
+              f"{rec['wall_time'] / 60:.2f} min, best eval {rec['best_eval']:.1f}", flush=True)
+
+    records = run_study(settings, args.task, seeds, study_dir, args.steps, args.minutes, extra,
+                        progress=not args.quiet and sys.stdout.isatty(), on_run=show)
+    summary = summarise_study(records)
+    print(format_study(summary))
+    path, plot = write_study(study_dir, args.name, args.task, records, summary)
+    print(f"wrote {path}; {plot or 'no curves.png (install matplotlib)'}")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from fastdream.run.plots import load_curve, parse_group, plot_groups
 
@@ -416,6 +471,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output directory (default: RUN_DIR/evolve); again to resume")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_evolve)
+
+    st = sub.add_parser("study", help="a sweep of training runs over seeds, summarised per setting (study.json, "
+                                      "curves.png): horizon or reward-noise")
+    st.add_argument("name", choices=["horizon", "reward-noise"],
+                    help="horizon: H at a fixed imagined-step budget N*H, and a ramp; reward-noise: noise std x "
+                         "dreams per update under one wall-clock budget")
+    st.add_argument("--task", default="cartpole", help="task preset or env id (default: cartpole)")
+    st.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    st.add_argument("--values", default=None, help="horizons (default 1,3,5,10,15,30) or noise stds (0,0.3,1)")
+    st.add_argument("--dreams", default="64,256,1024", help="reward-noise: dreams per update (default: 64,256,1024)")
+    st.add_argument("--ramp-end", type=int, default=1000, help="horizon: updates of the 1 -> H ramp (default: 1000)")
+    st.add_argument("--steps", type=int, default=None, help="env-step budget per run (default: the preset's)")
+    st.add_argument("--minutes", type=float, default=None, help="wall-clock budget per run")
+    st.add_argument("--dir", default=None, help="study directory (default: runs/study-<name>-<time>); again to resume")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    st.add_argument("--quiet", action="store_true", help="no live progress line")
+    st.set_defaults(func=_cmd_study)
 
     c = sub.add_parser("collect", help="step a random policy in vectorised envs into the replay buffer")
     c.add_argument("--env", default="CartPole-v1", help="EnvPool or gymnasium id (default: CartPole-v1)")

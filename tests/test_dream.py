@@ -211,12 +211,14 @@ def test_horizon_schedules():
     fixed = HorizonSchedule("fixed", horizon=15)
     assert [fixed.horizon_at(u) for u in (0, 10, 10**6)] == [15, 15, 15]
     assert fixed.starts_at(0, available=1024) == 1024 and fixed.starts_at(0, 1024, requested=256) == 256
+    assert fixed.starts_at(0, 512, requested=1024) == 1024  # more dreams than states: some states twice
     ramp = HorizonSchedule("ramp", h_min=1, h_max=15, ramp_start=0, ramp_end=20_000)
     assert [ramp.horizon_at(u) for u in (0, 5_000, 10_000, 20_000, 30_000)] == [1, 4, 8, 15, 15]
     budget = HorizonSchedule("budget", horizon=5, budget=15 * 1024)
     assert budget.starts_at(0, available=16_384) * budget.horizon_at(0) == 15 * 1024
     short = HorizonSchedule("budget", horizon=3, budget=15 * 1024)
     assert short.starts_at(0, 16_384) == 5 * 1024  # shorter dreams, more of them: N*H kept
+    assert short.starts_at(0, 512) == 5 * 1024  # beyond the states at hand: some are dreamed from twice
     with pytest.raises(ValueError, match="mode must be fixed, ramp or budget"):
         HorizonSchedule("cosine")
 

@@ -38,7 +38,7 @@ FLOORS = [
     ("from fastdream.run.config import Config, validate; validate(Config())",
      ("fastdream.run.config", "fastdream.dream.engines", "fastdream.dream.schedule"), False),
     ("import fastdream.run.train", RUN, True),
-    ("import fastdream.research.evolve", RESEARCH, True),
+    ("import fastdream.research.evolve, fastdream.research.model_error, fastdream.research.study", RESEARCH, True),
 ]
 
 

@@ -11,7 +11,8 @@ class HorizonSchedule:
 
     mode ``fixed``: H = ``horizon``. ``ramp``: H goes linearly from ``h_min`` at update ``ramp_start``
     to ``h_max`` at ``ramp_end`` (MBPO's schedule shape). ``budget``: N·H = ``budget`` imagined
-    steps, so ``starts(total)`` = budget // H for the H of the ramp (or fixed) part.
+    steps, so N = budget // H, even beyond the posterior states at hand (the trainer then dreams from some
+    states more than once, each dream with its own draws).
     """
 
     mode: str = "fixed"
@@ -44,5 +45,5 @@ class HorizonSchedule:
     def starts_at(self, update: int, available: int, requested: int = 0) -> int:
         """Number of dreams N for ``update`` out of ``available`` posterior states."""
         if self.mode == "budget":
-            return max(1, min(available, self.budget // self.horizon_at(update)))
-        return available if requested <= 0 else min(requested, available)
+            return max(1, self.budget // self.horizon_at(update))
+        return available if requested <= 0 else requested

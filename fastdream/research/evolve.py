@@ -10,7 +10,6 @@ start states and random numbers (common random numbers), so their ranking reflec
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from fastdream.model.rssm import RSSM
 from fastdream.model.world_model import WorldModel
 from fastdream.run.checkpoint import CHECKPOINT_DIR
 from fastdream.run.config import Config
+from fastdream.run.logger import json_text
 from fastdream.run.train import build_env, load_run, play
 
 STARTS = ("replay", "reset")
@@ -292,7 +292,7 @@ def evolve(run_dir: str | Path, taus: list[float], settings: EvolveSettings, out
     from fastdream.run.plots import plot_evolution
 
     tmp = out / ".evolve.json.tmp"
-    write_synced(tmp, lambda f: f.write(json.dumps(summary, indent=1)), mode="w")
+    write_synced(tmp, lambda f: f.write(json_text(summary)), mode="w")
     tmp.replace(out / "evolve.json")
     try:
         summary["plot"] = str(plot_evolution(summary, out / "evolve.png"))

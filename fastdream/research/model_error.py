@@ -11,7 +11,6 @@ make of a state that saw its observation).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from fastdream.agent import Agent
 from fastdream.model.maths import categorical_kl, symexp
 from fastdream.run.config import Config
 from fastdream.run.dream_view import held_out_sequences, open_loop, windows
+from fastdream.run.logger import json_text
 
 METRICS = ("latent_kl", "obs_vector", "obs_image", "reward", "cont")
 
@@ -141,15 +141,6 @@ def format_model_error(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _no_nan(x: Any) -> Any:
-    """NaN as JSON's null (k = 0 has no latent KL)."""
-    if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_no_nan(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
-
-
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path | None]:
     """``out_dir/model_error.json`` (atomically) and ``model_error.png`` (None without matplotlib)."""
     from fastdream.data.atomic import write_synced
@@ -158,7 +149,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path | No
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model_error.json"
     tmp = out_dir / ".model_error.json.tmp"
-    write_synced(tmp, lambda f: f.write(json.dumps(_no_nan(report), indent=1)), mode="w")
+    write_synced(tmp, lambda f: f.write(json_text(report)), mode="w")
     tmp.replace(path)
     try:
         return path, plot_model_error(report, out_dir / "model_error.png")

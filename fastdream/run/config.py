@@ -41,7 +41,7 @@ class TrainConfig:
     prefill: int = 5_000  # random-policy env steps before training
     warmup_updates: int = 100  # world-model-only updates before the actor and critic train
     horizon: int = 15  # imagination horizon H
-    dream_starts: int = 0  # dreams per update, sampled from the B*T posterior states (0 = all of them)
+    dream_starts: int = 0  # dreams per update from the B*T posterior states (0: one from each; more: drawn again)
     horizon_mode: str = "fixed"  # fixed | ramp (h_min -> h_max) | budget (N*H = dream_budget)
     h_min: int = 1  # ramp: horizon at ramp_start
     h_max: int = 15  # ramp: horizon from ramp_end on
@@ -220,6 +220,12 @@ def task_presets(given: list[str], env_id: str, obs: str | None = None) -> list[
 
 def apply_sets(cfg: Config, items: list[str]) -> Config:
     """Applies ``--set section.field=value`` strings, parsing each value as the field's type."""
+    return apply(cfg, parse_sets(items))
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set section.field=value`` strings as typed overrides ``{"section.field": value}``."""
+    cfg = Config()
     keys = valid_keys()
     parsed = {}
     for item in items:
@@ -231,7 +237,7 @@ def apply_sets(cfg: Config, items: list[str]) -> Config:
             raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(keys)}")
         section, name = key.split(".")
         parsed[key] = _parse_value(key, text, getattr(getattr(cfg, section), name))
-    return apply(cfg, parsed)
+    return parsed
 
 
 def validate(cfg: Config) -> None:

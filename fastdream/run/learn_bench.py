@@ -44,21 +44,30 @@ def _summary(run_dir: Path) -> dict[str, Any] | None:
             "best_eval": max(evals) if evals else float("nan")}
 
 
+def run_to_end(run_dir: Path, make_cfg: Callable[[], Config], steps: int | None = None, minutes: float | None = None,
+               progress: bool = False) -> dict[str, Any]:
+    """The summary of the run in ``run_dir``: read back if it finished, resumed if it stopped part-way, else
+    trained from ``make_cfg()``; so a sweep of runs can be run again after a crash."""
+    done = _summary(run_dir)
+    if done is None or done["stopped"] == "interrupted":
+        if checkpoint.exists(run_dir):
+            train(None, run_dir, resume=True, progress=progress, steps=steps, minutes=minutes)
+        else:
+            train(make_cfg(), run_dir, progress=progress)
+        done = _summary(run_dir)
+    return done
+
+
 def learn(tasks: list[str], seeds: list[int], runs_dir: Path, steps: int | None = None, minutes: float | None = None,
           progress: bool = False, on_run: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Trains every task for every seed in ``runs_dir/<task>-s<seed>`` and returns one record per run. A run that
-    finished before is read back, one that stopped part-way resumes: the command can be run again after a crash."""
+    """Trains every task for every seed in ``runs_dir/<task>-s<seed>`` and returns one record per run
+    (``run_to_end``: finished runs are read back, stopped ones resume)."""
     records = []
     for task in tasks:
         for seed in seeds:
             run_dir = runs_dir / f"{task}-s{seed}"
-            done = _summary(run_dir)
-            if done is None or done["stopped"] == "interrupted":
-                if checkpoint.exists(run_dir):
-                    train(None, run_dir, resume=True, progress=progress, steps=steps, minutes=minutes)
-                else:
-                    train(task_config(task, seed, steps, minutes), run_dir, progress=progress)
-                done = _summary(run_dir)
+            done = run_to_end(run_dir, lambda t=task, s=seed: task_config(t, s, steps, minutes), steps, minutes,
+                              progress)
             cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
             rec = {"task": task, "seed": seed, "env": cfg.env.id, "target": cfg.env.target_return,
                    "run_dir": str(run_dir), **done}

@@ -48,6 +48,18 @@ class Logger:
             self._tb.close()
 
 
+def json_text(doc: Any) -> str:
+    """``doc`` as indented JSON with NaN as null (a report's "no value", e.g. no run reached the target)."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return None if isinstance(x, float) and math.isnan(x) else x
+
+    return json.dumps(clean(doc), indent=1, default=str)
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """The rows a ``Logger`` wrote to ``path`` (a ``metrics.jsonl``), in order; non-finite values stay the strings
     it wrote them as."""
