@@ -101,6 +101,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fastdream.run import checkpoint
+    from fastdream.run.checkpoint import CheckpointError
     from fastdream.run.train import UnhealthyRun, train
 
     if args.resume:
@@ -131,7 +132,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     steps=args.steps if args.resume else None, minutes=args.minutes if args.resume else None)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    except UnhealthyRun as exc:
+    except (UnhealthyRun, CheckpointError) as exc:
         print(f"fastdream: run stopped: {exc}", file=sys.stderr)
         return 3
     ev = f"{res.eval_return:.1f}" if res.eval_return is not None else "n/a"

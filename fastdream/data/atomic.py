@@ -11,20 +11,30 @@ from typing import IO
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, keep: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yields an empty temp directory beside ``path``; when the block ends without an error it replaces ``path``
-    (an existing one is swapped out by rename, then removed), so a crash at any point leaves either the old
-    directory or the new one. On an error the temp directory is removed and ``path`` is untouched."""
+    (an existing one is swapped out by rename, then removed, or with ``keep`` renamed to ``keep``, replacing the one
+    kept before), so a crash at any point leaves the old directory or the new one: at ``path``, or (with ``keep``,
+    between its two renames) at ``keep`` alone. On an error the temp directory is removed and ``path`` is
+    untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # A killed writer's leftovers (one writer per directory: a run's own process).
+    for stale in path.parent.glob(f".{path.name}.*-*") if path.parent.is_dir() else ():
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if keep is not None and path.exists():
+        keep = Path(keep)
+        if keep.exists():
+            shutil.rmtree(keep)
+        os.replace(path, keep)
+        os.replace(tmp, path)
+        return
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")

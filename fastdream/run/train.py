@@ -441,7 +441,7 @@ class TrainingRun:
                     stopped = "solved"
                     break
                 self.report(force=evaluated)  # a plain-line log gets a line after every eval
-        except UnhealthyRun:
+        except (UnhealthyRun, checkpoint.CheckpointError):
             self.close()
             raise
         finally:
@@ -451,7 +451,11 @@ class TrainingRun:
 
     def finish(self, stopped: str) -> TrainResult:
         self.bar.close()
-        ck_path = self.checkpoint()
+        try:
+            ck_path = self.checkpoint()
+        except checkpoint.CheckpointError:
+            self.close()
+            raise
         c = self.counters
         wall = c["wall_time"]  # the time the checkpoint holds, so a resume continues from the reported figure
         self.logger.write(c["env_steps"], {
