@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN
+from tiny import TINY_RUN
 
 from fastdream.model.maths import symexp
 from fastdream.run.config import Config, apply

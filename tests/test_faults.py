@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from tiny import TINY_RUN
 
 from fastdream.run import checkpoint
 from fastdream.run.config import Config, apply

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN
+from tiny import TINY_RUN
 
 from fastdream.research.study import (
     area_under_curve,
