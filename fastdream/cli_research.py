@@ -115,6 +115,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fastdream.research.study import (
+        claim_study_dir,
         format_study,
         horizon_settings,
         reward_noise_settings,
@@ -150,6 +151,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     study_dir = Path(args.dir or f"runs/study-{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        claim_study_dir(study_dir, {"study": args.name, "task": args.task, "settings": settings,
+                                    "steps": args.steps, "minutes": args.minutes, "extra": extra})
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     print(f"study {args.name}: {args.task}, {len(settings)} settings x seeds {seeds}, runs in {study_dir}", flush=True)
 
     def show(rec: dict) -> None:

@@ -8,6 +8,7 @@ from tiny import TINY_RUN
 
 from fastdream.research.study import (
     area_under_curve,
+    claim_study_dir,
     format_study,
     horizon_settings,
     reward_noise_settings,
@@ -65,6 +66,19 @@ def test_a_study_trains_each_setting_resumes_and_writes_its_summary(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["settings"]["H=4"]["env_steps_to_target"]["mean"] is None  # NaN is written as null
     assert plot.stat().st_size > 10_000
+
+
+def test_a_study_dir_refuses_another_study(tmp_path):
+    spec = {"study": "horizon", "task": "cartpole", "settings": {"H=1": {"train.horizon": 1}}, "steps": 100,
+            "minutes": None, "extra": {}}
+    claim_study_dir(tmp_path, spec)
+    claim_study_dir(tmp_path, dict(spec))  # the same study again: resumes
+    with pytest.raises(ValueError, match=r"holds another study \(its settings, steps differ\); use another --dir"):
+        claim_study_dir(tmp_path, {**spec, "steps": 200, "settings": {"H=3": {"train.horizon": 3}}})
+    r = subprocess.run([sys.executable, "-m", "fastdream", "study", "reward-noise", "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "holds another study (its" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "spec.json").read_text())["study"] == "horizon"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -68,6 +68,26 @@ def run_study(settings: dict[str, dict[str, Any]], task: str, seeds: list[int], 
     return records
 
 
+def claim_study_dir(study_dir: Path, spec: dict[str, Any]) -> None:
+    """Writes ``study_dir/spec.json`` (what the study runs: its name, task, settings, budgets, overrides), or checks
+    it against the one there: a directory holding another study is a ValueError naming what differs, so a study
+    never mixes into or overwrites an earlier one (more seeds of the same study are fine)."""
+    path = study_dir / "spec.json"
+    spec = json.loads(json_text(spec))  # as it reads back: tuples as lists, NaN as null
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        if diff:
+            raise ValueError(f"{study_dir} holds another study (its {', '.join(diff)} differ); use another --dir")
+        return
+    from fastdream.data.atomic import write_synced
+
+    study_dir.mkdir(parents=True, exist_ok=True)
+    tmp = study_dir / ".spec.json.tmp"
+    write_synced(tmp, lambda f: f.write(json_text(spec)), mode="w")
+    tmp.replace(path)
+
+
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in label)
 
