@@ -16,6 +16,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from fastdream.data import levels as _levels  # noqa: F401  (registers fastdream/CartPoleLevels-v1)
+
 IMAGE_SIZE = 64
 OBS_MODES = ("vector", "pixels", "both")
 
@@ -88,7 +90,7 @@ class VecEnv:
     """
 
     def __init__(self, env_id: str, num_envs: int, seed: int = 0, obs: str = "vector",
-                 batch_size: int | None = None, render: bool = False) -> None:
+                 batch_size: int | None = None, render: bool = False, levels: tuple[int, int] | None = None) -> None:
         if obs not in OBS_MODES:
             raise ValueError(f"obs must be one of {OBS_MODES}, got {obs!r}")
         if not isinstance(num_envs, int) or num_envs < 1:
@@ -102,6 +104,8 @@ class VecEnv:
         self.backend = resolve_backend(env_id)
         self.batch_size = batch_size or num_envs
         self.is_async = self.batch_size < num_envs
+        if levels is not None and self.backend == "envpool":
+            raise ValueError(f"{env_id!r} has no levels; levels are for {_levels.CARTPOLE_LEVELS_ID}")
         if self.is_async and self.backend != "envpool":
             raise ValueError(f"async stepping (batch_size < num_envs) needs an EnvPool id; {env_id!r} is gymnasium")
         self.observe_pixels = obs in ("pixels", "both")
@@ -122,6 +126,10 @@ class VecEnv:
                 self.max_episode_steps = int(getattr(self._env.spec.config, "max_episode_steps", 0)) or None
             else:
                 kwargs = {"render_mode": "rgb_array"} if render else {}
+                if levels is not None:
+                    if env_id != _levels.CARTPOLE_LEVELS_ID:
+                        raise ValueError(f"{env_id!r} has no levels; levels are for {_levels.CARTPOLE_LEVELS_ID}")
+                    kwargs["levels"] = levels
                 self._env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **kwargs)
                 space, act = self._env.single_observation_space, self._env.single_action_space
                 spec = gym.spec(env_id)
@@ -294,9 +302,10 @@ class VecEnv:
 
 
 def make_env(env_id: str, num_envs: int, seed: int = 0, obs: str = "vector",
-             batch_size: int | None = None, render: bool = False) -> VecEnv:
+             batch_size: int | None = None, render: bool = False, levels: tuple[int, int] | None = None) -> VecEnv:
     """Builds a vectorised env: EnvPool when it has ``env_id``, else a gymnasium vector env.
 
-    ``render=True`` enables ``render_frames`` (videos) without adding pixel observations.
+    ``render=True`` enables ``render_frames`` (videos) without adding pixel observations. ``levels``: the level
+    range ``[first, end)`` of a levels env (``data.levels``).
     """
-    return VecEnv(env_id, num_envs, seed=seed, obs=obs, batch_size=batch_size, render=render)
+    return VecEnv(env_id, num_envs, seed=seed, obs=obs, batch_size=batch_size, render=render, levels=levels)

@@ -16,6 +16,8 @@ class EnvConfig:
     obs: str = "vector"  # vector | pixels | both
     batch_size: int = 0  # async EnvPool batch (0 = synchronous)
     target_return: float = 475.0  # mean eval return that counts as solved (stops the run)
+    levels: str = ""  # levels env (data/levels.py): training levels "first:end" ("": the env's own, 0:200)
+    test_levels: str = ""  # levels env: the levels evaluations run on, e.g. "1000000:1000100" ("": training's)
 
 
 @dataclass
@@ -272,4 +274,12 @@ def validate(cfg: Config) -> None:
     for ok, msg, got in checks:
         if not ok:
             raise ValueError(f"{msg}, got {got!r}")
+    for name in ("levels", "test_levels"):
+        if getattr(e, name):
+            from fastdream.data.levels import parse_levels
+
+            try:
+                parse_levels(getattr(e, name))
+            except ValueError as exc:
+                raise ValueError(f"env.{name}: {exc}") from None
     HorizonSchedule(t.horizon_mode, t.horizon, t.h_min, t.h_max, t.ramp_start, t.ramp_end, t.dream_budget)

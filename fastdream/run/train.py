@@ -18,6 +18,7 @@ import torch
 from fastdream.agent import Agent, OptimConfig
 from fastdream.data.collector import Collector, RandomPolicy
 from fastdream.data.envs import VecEnv, make_env
+from fastdream.data.levels import parse_levels
 from fastdream.data.replay import ReplayBuffer
 from fastdream.dream.schedule import HorizonSchedule
 from fastdream.fast.precision import auto_precision, resolve_precision
@@ -58,9 +59,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_env(cfg: Config, seed: int | None = None, num_envs: int | None = None, render: bool = False) -> VecEnv:
+def build_env(cfg: Config, seed: int | None = None, num_envs: int | None = None, render: bool = False,
+              test: bool = False) -> VecEnv:
+    """``cfg``'s env; ``test``: on its test levels (``env.test_levels``, where set) instead of its training ones."""
+    levels = (cfg.env.test_levels or cfg.env.levels) if test else cfg.env.levels
     return make_env(cfg.env.id, num_envs or cfg.env.num_envs, seed=cfg.train.seed if seed is None else seed,
-                    obs=cfg.env.obs, batch_size=cfg.env.batch_size or None, render=render)
+                    obs=cfg.env.obs, batch_size=cfg.env.batch_size or None, render=render,
+                    levels=parse_levels(levels) if levels else None)
 
 
 def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") -> Agent:
@@ -88,7 +93,7 @@ def build_agent(cfg: Config, env: VecEnv, device: torch.device | str = "cpu") ->
 
 @torch.no_grad()
 def evaluate(agent: Agent, cfg: Config, episodes: int, seed: int, video_frames: list | None = None,
-             deterministic: bool = True) -> list[float]:
+             deterministic: bool = True, test: bool = True) -> list[float]:
     """Returns of ``episodes`` episodes, one per fresh eval env (seeded by ``seed``), acting with the
     policy's mode (``deterministic``) or sampling from it with the agent's generator (``play``).
 
@@ -100,20 +105,21 @@ def evaluate(agent: Agent, cfg: Config, episodes: int, seed: int, video_frames: 
     def act(rows: dict[str, np.ndarray]) -> np.ndarray:
         return agent.policy(rows, rows["env_ids"], deterministic=deterministic, carry=carry)
 
-    return play(act, cfg, episodes, seed, dev, video_frames)
+    return play(act, cfg, episodes, seed, dev, video_frames, test)
 
 
 @torch.no_grad()
 def play(act: Callable[[dict[str, np.ndarray]], np.ndarray], cfg: Config, episodes: int, seed: int,
-         device: torch.device | str = "cpu", video_frames: list | None = None) -> list[float]:
+         device: torch.device | str = "cpu", video_frames: list | None = None, test: bool = True) -> list[float]:
     """Returns of ``episodes`` episodes, one per fresh env of ``cfg``'s task (seeded by ``seed``), acting with
     ``act(rows) -> env-form actions`` (it keeps its own recurrent state). Torch's RNG on ``device`` is seeded by
     ``seed`` inside a fork, so the posterior's latent draws replay for the same ``seed`` and the caller's random
-    stream is untouched. With ``video_frames`` a list, env 0's full-resolution frames are appended to it."""
+    stream is untouched. With ``video_frames`` a list, env 0's full-resolution frames are appended to it. ``test``:
+    on the task's test levels (a levels env with ``env.test_levels``), else its training levels."""
     dev = torch.device(device)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        env = build_env(cfg, seed=seed, num_envs=episodes, render=video_frames is not None)
+        env = build_env(cfg, seed=seed, num_envs=episodes, render=video_frames is not None, test=test)
         rows = env.reset()
         ret = np.zeros(episodes)
         done = np.zeros(episodes, dtype=bool)
@@ -374,8 +380,13 @@ class TrainingRun:
         c["evals"] += 1
         rets = evaluate(self.agent, self.cfg, t.eval_episodes, seed=t.seed + 100_000 + c["evals"])
         self.last_eval = float(np.mean(rets))
-        self.write({"eval/return": self.last_eval, "eval/return_min": min(rets), "eval/return_max": max(rets),
-                    "progress/updates": c["updates"], "progress/wall_time": self.wall_time()})
+        row = {"eval/return": self.last_eval, "eval/return_min": min(rets), "eval/return_max": max(rets),
+               "progress/updates": c["updates"], "progress/wall_time": self.wall_time()}
+        if self.cfg.env.test_levels:  # the generalisation gap: the same policy on the levels it trains on
+            train_rets = evaluate(self.agent, self.cfg, t.eval_episodes, seed=t.seed + 300_000 + c["evals"],
+                                  test=False)
+            row["eval/train_levels_return"] = float(np.mean(train_rets))
+        self.write(row)
         if t.dream_every and (c["evals"] - 1) % t.dream_every == 0 and self.logger.tensorboard:
             self.log_dream(seed=t.seed + 200_000 + c["evals"])
         return self.last_eval
