@@ -165,6 +165,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     records = run_study(settings, args.task, seeds, study_dir, args.steps, args.minutes, extra,
                         progress=not args.quiet and sys.stdout.isatty(), on_run=show)
+    if records[-1]["stopped"] == "interrupted":
+        print(f"study interrupted; the same command resumes it from {records[-1]['run_dir']}", file=sys.stderr)
+        return 130
     summary = summarise_study(records)
     print(format_study(summary))
     path, plot = write_study(study_dir, args.name, args.task, records, summary)

@@ -2,6 +2,7 @@
 truncated or bit-flipped checkpoint, a damaged replay, and a file-size limit hit while a checkpoint is written."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from tiny import TINY_RUN
 
 from fastdream.run import checkpoint
 from fastdream.run.config import Config, apply
+from fastdream.run.logger import read_rows
 from fastdream.run.train import train
 
 FREQUENT = {**TINY_RUN, "train.checkpoint_every": 3, "train.log_every": 3, "train.steps": 320}
@@ -21,6 +23,7 @@ FREQUENT = {**TINY_RUN, "train.checkpoint_every": 3, "train.log_every": 3, "trai
 _TRAIN = """
 import json, os, signal, sys
 from fastdream.run.config import Config, apply
+from fastdream.run.logger import read_rows
 from fastdream.run.train import train
 mode, run, over = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 resume = os.path.isdir(os.path.join(run, "checkpoint")) or os.path.isdir(os.path.join(run, "checkpoint.prev"))
@@ -63,8 +66,9 @@ def _updates(run_dir) -> int:
 def test_sigkill_at_random_points_never_loses_more_than_the_last_checkpoint(tmp_path):
     rng = random.Random(0)
     run, seen, kills = tmp_path / "run", -1, 0
+    long = {**FREQUENT, "train.steps": 1200}  # long enough to be killed five times on a fast CPU
     while kills < 5:
-        child = _child("plain", run)
+        child = _child("plain", run, long)
         time.sleep(rng.uniform(2.0, 6.0))
         if child.poll() is not None:  # finished before the kill
             break
@@ -75,9 +79,21 @@ def test_sigkill_at_random_points_never_loses_more_than_the_last_checkpoint(tmp_
             now = _updates(run)  # readable after every kill, and never behind what a resume had already seen
             assert now >= seen
             seen = now
-    out, err = _child("plain", run).communicate(timeout=300)
-    assert "done 320" in out, err
+    out, err = _child("plain", run, long).communicate(timeout=300)
+    assert "done 1200" in out, err
     assert kills >= 3 and not list(tmp_path.glob("run/.checkpoint.*"))
+    # Each resume dropped the rows the killed process logged after its checkpoint: every step logged once, in order.
+    steps = [r["env_steps"] for r in read_rows(run / "metrics.jsonl") if "wm/loss" in r]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+def test_a_second_process_cannot_train_in_a_run_dir_in_use(tmp_path):
+    run = tmp_path / "run"
+    held = checkpoint.claim(run)
+    with pytest.raises(ValueError, match=f"{run} is in use by pid {os.getpid()}; wait for it or use another"):
+        train(apply(Config(), FREQUENT), run, progress=False)
+    held.close()
+    assert train(apply(Config(), {**FREQUENT, "train.steps": 96}), run, progress=False).env_steps == 96
 
 
 # The first checkpoint renames twice (its replay into place, then itself); each later one three times (its replay,

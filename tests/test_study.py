@@ -93,3 +93,22 @@ def test_bad_study_input_is_one_line_before_any_run(args, message, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_sigterm_stops_the_whole_study_and_the_same_command_resumes_it(tmp_path):
+    import signal
+    import time
+
+    sets = [f"--set={k}={v}" for k, v in QUICK.items()]
+    cmd = [sys.executable, "-m", "fastdream", "study", "horizon", "--values", "1,3", "--seeds", "0", "--steps",
+           "100000", "--dir", str(tmp_path), "--quiet", *sets]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("H_1-s0/metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and "study interrupted; the same command resumes it" in err, (out, err)
+    assert "H=1 seed 0: not solved (interrupted)" in out
+    assert not (tmp_path / "H_3-s0").exists()  # the next setting never started

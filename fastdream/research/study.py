@@ -65,6 +65,8 @@ def run_study(settings: dict[str, dict[str, Any]], task: str, seeds: list[int], 
             records.append(rec)
             if on_run:
                 on_run(rec)
+            if rec["stopped"] == "interrupted":  # Ctrl-C or SIGTERM stops the study, not just this run
+                return records
     return records
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -47,6 +47,29 @@ def save(run_dir: Path, state: dict[str, Any], replay: ReplayBuffer | None) -> P
         raise CheckpointError(f"cannot write checkpoint {final}: {exc}; the last good one, {kept}, is intact"
                               ) from None
     return final
+
+
+def claim(run_dir: Path) -> IO:
+    """Locks ``run_dir`` for this process (``run_dir/lock``, an exclusive ``flock`` the OS drops when the process
+    ends, however it ends): a second process training in the same directory is a ValueError, not two writers
+    interleaving one run's checkpoints and metrics. Keep the returned file open while training; close it after."""
+    import fcntl
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{run_dir} is in use by {owner}; wait for it or use another directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
 
 
 def exists(run_dir: Path) -> bool:

@@ -74,6 +74,8 @@ def learn(tasks: list[str], seeds: list[int], runs_dir: Path, steps: int | None 
             records.append(rec)
             if on_run:
                 on_run(rec)
+            if rec["stopped"] == "interrupted":  # Ctrl-C or SIGTERM stops the sweep, not just this run
+                return records
     return records
 
 

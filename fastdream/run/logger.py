@@ -12,16 +12,25 @@ from typing import Any
 class Logger:
     """Appends one JSON object per ``write`` to ``run_dir/metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_at: int | None = None) -> None:
+        """``resume_at``: the env steps of the checkpoint a resumed run continues from; rows and TensorBoard events
+        logged after it (by the process that was killed) are dropped, so each step is logged once, in order."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        if resume_at is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["env_steps"] <= resume_at]
+            tmp = self.path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            purge = None if resume_at is None else resume_at + 1
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"env_steps": step, "time": time.time()}

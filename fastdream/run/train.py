@@ -197,6 +197,7 @@ class TrainingRun:
     def __init__(self, cfg: Config | None, run_dir: Path, resume: bool, steps: int | None, minutes: float | None,
                  progress: bool, log_fn: Callable[[int, dict[str, float]], None] | None) -> None:
         state = saved_replay = None
+        self.lock = checkpoint.claim(Path(run_dir))  # one process per run directory
         if resume:
             state, saved_replay = checkpoint.load(run_dir)
             cfg = Config.from_dict(state["config"])
@@ -233,7 +234,7 @@ class TrainingRun:
         else:
             self.collector.reset()
             self.counters["env_steps"] = self.collector.env_steps
-        self.logger = Logger(run_dir)
+        self.logger = Logger(run_dir, resume_at=self.counters["env_steps"] if state is not None else None)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         self.bar = Progress(t.steps, enabled=progress)
         self.batch = self.replay.alloc_batch(t.batch_size, t.seq_len)
@@ -435,6 +436,7 @@ class TrainingRun:
         self.bar.close()
         self.logger.close()
         self.env.close()
+        self.lock.close()
 
     # ---------------------------------------------------------------- the loop
     def loop(self, stop_at_env_steps: int | None = None) -> TrainResult:
@@ -475,6 +477,7 @@ class TrainingRun:
             "summary/stopped": stopped})
         self.logger.close()
         self.env.close()
+        self.lock.close()
         return TrainResult(eval_return=self.last_eval, env_steps=c["env_steps"], updates=c["updates"],
                            wall_time=wall, solved=stopped == "solved", stopped=stopped, run_dir=self.run_dir,
                            checkpoint=ck_path, metrics=self.run_dir / "metrics.jsonl")
