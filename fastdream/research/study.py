@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def claim_study_dir(study_dir: Path, spec: dict[str, Any]) -> None:
     from fastdream.data.atomic import write_synced
 
     study_dir.mkdir(parents=True, exist_ok=True)
-    tmp = study_dir / ".spec.json.tmp"
+    tmp = study_dir / f".spec.json.tmp-{os.getpid()}"  # studies of other seeds may start beside it
     write_synced(tmp, lambda f: f.write(json_text(spec)), mode="w")
     tmp.replace(path)
 
@@ -145,7 +146,7 @@ def write_study(study_dir: Path, name: str, task: str, records: list[dict[str, A
     from fastdream.data.atomic import write_synced
 
     path = study_dir / "study.json"
-    tmp = study_dir / ".study.json.tmp"
+    tmp = study_dir / f".study.json.tmp-{os.getpid()}"
     doc = {"study": name, "task": task, "settings": summary, "runs": records}
     write_synced(tmp, lambda f: f.write(json_text(doc)), mode="w")
     tmp.replace(path)
